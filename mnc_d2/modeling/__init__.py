@@ -1,0 +1,5 @@
+from .mask_head import MNCMaskHead
+from .meta_arch import MNC
+from .roi_heads import MNCROIHeads
+
+__all__ = ["MNC", "MNCROIHeads", "MNCMaskHead"]
