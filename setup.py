@@ -7,6 +7,6 @@ setup(
     packages=find_packages(include=["mnc_d2", "mnc_d2.*"]),
     python_requires=">=3.9",
     # detectron2 is NOT listed: it is not on PyPI under that name (see scripts/install.sh).
-    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm", "opencv-python-headless"],
-    extras_require={"test": ["pytest", "hypothesis", "tifffile"]},
+    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm", "opencv-python-headless", "tifffile"],
+    extras_require={"test": ["pytest", "hypothesis"]},
 )

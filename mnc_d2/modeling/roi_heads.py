@@ -123,10 +123,15 @@ class MNCROIHeads(ROIHeads):
                                    pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
         roi_shape = ShapeSpec(channels=in_channels, height=resolution, width=resolution)
 
-        if cfg.MODEL.ROI_MASK_HEAD.NAME == "MaskRCNNConvUpsampleHead" and not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK:
-            raise ValueError("MNC's stage-2 mask head is class-agnostic: set MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True "
-                             "to use MaskRCNNConvUpsampleHead")
-        mask_head = build_mask_head(cfg, roi_shape)
+        mask_cfg = cfg
+        if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK and cfg.MODEL.ROI_MASK_HEAD.NAME != "MNCMaskHead":
+            # e.g. a D2 Mask R-CNN config switched to MNC: stage 2 predicts ONE mask per RoI
+            logger.warning(f"MNC's stage 2 is class-agnostic: building {cfg.MODEL.ROI_MASK_HEAD.NAME} with "
+                           "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK=True")
+            mask_cfg = cfg.clone()
+            mask_cfg.defrost()
+            mask_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+        mask_head = build_mask_head(mask_cfg, roi_shape)
         box_head = build_box_head(cfg, roi_shape)
         seg_head = build_box_head(cfg, roi_shape) if mnc.SEGMENT_PATHWAY else None
         predictor_channels = box_head.output_shape.channels + (seg_head.output_shape.channels if seg_head else 0)

@@ -1,0 +1,260 @@
+"""Warm-starting MNC from a Detectron2 Mask R-CNN / Faster R-CNN checkpoint, with an explicit report.
+
+MNC keeps D2's parameter names where its parts are D2's (``backbone.*``, ``proposal_generator.*``,
+``roi_heads.box_head.*``, ``roi_heads.mask_head.*`` when the mask head is a D2 one), so a D2
+checkpoint loads into them. What cannot load is initialised fresh, and the report says why:
+
+* ``roi_heads.seg_head.*`` (the segment pathway) has no counterpart in D2. When the checkpoint has
+  no ``roi_heads.seg_head.*`` it is initialised from the checkpoint's ``roi_heads.box_head.*`` (same
+  architecture; the paper initialises both pathways from the same pre-trained fc layers).
+* ``roi_heads.box_predictor.{cls_score,bbox_pred}``: their input is box pathway ++ segment pathway,
+  twice as wide as D2's, so they are fresh.
+* ``roi_heads.box_head.fc1``: its input is C * P * P; it loads only if the MNC config's
+  ``ROI_BOX_HEAD.POOLER_RESOLUTION`` (P; 14 in MNC's configs) equals the checkpoint's (7 in D2's).
+* ``roi_heads.mask_head.predictor``: MNC's stage 2 predicts one class-agnostic mask, D2 one per class.
+
+D2 0.6's checkpointer already skips shape-mismatched tensors, one warning each; here every load
+ends in one summary (tensors loaded per module, fresh ones with the reason, unused checkpoint
+tensors), and :func:`warm_start_report` returns the same as a dict for programs and tests.
+
+Files: a ``.pth`` (written by D2's / our checkpointer: a dict of tensors, optimizer and scheduler
+state and an ``iteration`` int) is read with ``torch.load(weights_only=True)``, which executes no
+pickled code. Legacy ``.pkl`` files (Detectron1 / Caffe2 ImageNet models such as ``R-50.pkl``, and
+D2 model-zoo ``model_final_*.pkl``) are pickled numpy arrays and go through D2's own pickle loader:
+load such files only from sources you trust.
+"""
+import logging
+import pickle
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+
+__all__ = [
+    "MNCWarmStartCheckpointer",
+    "add_segment_pathway_from_box_head",
+    "attach_to_trainer",
+    "format_warm_start_report",
+    "warm_start_report",
+]
+
+logger = logging.getLogger(__name__)
+
+BOX_HEAD_PREFIX = "roi_heads.box_head."
+SEG_HEAD_PREFIX = "roi_heads.seg_head."
+# Buffers D2 sets from the config, never from a checkpoint (D2's checkpointer ignores them too).
+_FROM_CONFIG = ("pixel_mean", "pixel_std")
+
+
+def _strip_module_prefix(state_dict: Dict[str, object]) -> None:
+    """Checkpoints saved from a (Distributed)DataParallel model prefix every key with ``module.``."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        for key in list(state_dict):
+            state_dict[key[len("module."):]] = state_dict.pop(key)
+
+
+def add_segment_pathway_from_box_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Add ``roi_heads.seg_head.X`` = checkpoint ``roi_heads.box_head.X`` to ``state_dict`` (in place)
+    when the model has a segment pathway and the checkpoint none (a D2 checkpoint). Tensors are
+    copied whatever their shape; a mismatch (e.g. other pooler resolution) is reported like any other.
+
+    Returns:
+        {model name: checkpoint name} of the added entries (empty if nothing was added).
+    """
+    if any(k.startswith(SEG_HEAD_PREFIX) for k in state_dict):
+        return {}
+    model_keys = model.state_dict().keys()
+    copied = OrderedDict()
+    for key in list(state_dict):
+        if key.startswith(BOX_HEAD_PREFIX):
+            target = SEG_HEAD_PREFIX + key[len(BOX_HEAD_PREFIX):]
+            if target in model_keys:
+                state_dict[target] = state_dict[key].clone()
+                copied[target] = key
+    return dict(copied)
+
+
+def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: Tuple[int, ...]) -> str:
+    """One line saying why a known MNC tensor differs from D2's; generic otherwise."""
+    same_rank = len(checkpoint_shape) == len(model_shape)
+    if name.startswith("roi_heads.box_predictor.") and same_rank and len(model_shape) == 2:
+        if model_shape[1] != checkpoint_shape[1]:
+            return (f"input width {model_shape[1]} = box pathway ++ segment pathway "
+                    f"(the checkpoint's predictor reads {checkpoint_shape[1]})")
+        return "other number of classes (ROI_HEADS.NUM_CLASSES) or class-agnostic box regression"
+    if name.startswith(("roi_heads.box_head.fc1.", "roi_heads.seg_head.fc1.")) and same_rank and len(model_shape) == 2:
+        return ("fc1 input C*P*P differs: check MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION (MNC configs 14, "
+                "D2 configs 7), FPN.OUT_CHANNELS / ROI_BOX_HEAD.NUM_CONV")
+    if name.startswith("roi_heads.mask_head.predictor.") and same_rank and model_shape[0] == 1 \
+            and checkpoint_shape[0] > 1:
+        return f"MNC's stage 2 predicts 1 class-agnostic mask, the checkpoint {checkpoint_shape[0]} class masks"
+    if name.startswith("roi_heads.mask_head."):
+        return "other mask head (MODEL.ROI_MASK_HEAD.NAME / MNC.MASK_HEAD.*)"
+    return "shape mismatch"
+
+
+def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, object],
+                      copied: Optional[Mapping[str, str]] = None) -> dict:
+    """What loading ``checkpoint_state_dict`` into ``model`` does (nothing is loaded here).
+
+    Args:
+        model: the MNC model (any nn.Module works).
+        checkpoint_state_dict: name -> tensor (or numpy array), after any key conversion.
+        copied: {model name: checkpoint name} of entries that were not in the file but derived from
+            other entries (:func:`add_segment_pathway_from_box_head`).
+    Returns:
+        dict with
+          ``loaded``: names loaded from the checkpoint (including the copied ones),
+          ``copied``: the ``copied`` argument,
+          ``missing``: model names initialised fresh because the checkpoint lacks them,
+          ``shape_mismatch``: (name, checkpoint shape, model shape, reason) initialised fresh,
+          ``fresh``: ``missing`` + the names in ``shape_mismatch``,
+          ``unused``: checkpoint names the model does not have,
+          ``from_config``: buffers set from the config (pixel_mean/std) that the checkpoint lacks.
+    """
+    copied = dict(copied or {})
+    model_state = model.state_dict()
+    loaded, missing, mismatch, from_config = [], [], [], []
+    for name, value in model_state.items():
+        if name not in checkpoint_state_dict:
+            (from_config if name.split(".")[-1] in _FROM_CONFIG else missing).append(name)
+            continue
+        model_shape = tuple(value.shape)
+        checkpoint_shape = tuple(checkpoint_state_dict[name].shape)
+        if model_shape == checkpoint_shape:
+            loaded.append(name)
+        else:
+            mismatch.append((name, checkpoint_shape, model_shape, _mismatch_reason(name, checkpoint_shape, model_shape)))
+    copied_sources = set(copied.values())
+    unused = [k for k in checkpoint_state_dict if k not in model_state and k not in copied_sources
+              and "anchor_generator.cell_anchors" not in k]  # old D2 files saved anchors; now non-persistent
+    return {
+        "loaded": loaded,
+        "copied": copied,
+        "missing": missing,
+        "shape_mismatch": mismatch,
+        "fresh": missing + [m[0] for m in mismatch],
+        "unused": unused,
+        "from_config": from_config,
+    }
+
+
+def _module_of(name: str) -> str:
+    """Group name for the summary: ``roi_heads.box_head``, ``backbone``, ``proposal_generator``."""
+    parts = name.split(".")
+    depth = 2 if parts[0] == "roi_heads" and len(parts) > 2 else 1
+    return ".".join(parts[:depth])
+
+
+def format_warm_start_report(report: dict, source: str = "the checkpoint") -> str:
+    """Human-readable summary: counts per module, then a table of every fresh tensor with its reason."""
+    counts = OrderedDict()
+    for name in report["loaded"]:
+        counts[_module_of(name)] = counts.get(_module_of(name), 0) + 1
+    fresh_counts = OrderedDict()
+    for name in report["fresh"]:
+        fresh_counts[_module_of(name)] = fresh_counts.get(_module_of(name), 0) + 1
+    lines = [
+        f"Warm start from {source}: {len(report['loaded'])} tensors loaded, {len(report['fresh'])} initialised "
+        f"fresh ({len(report['missing'])} not in the checkpoint, {len(report['shape_mismatch'])} shape "
+        f"mismatch), {len(report['unused'])} checkpoint tensors unused.",
+        "Loaded: " + (", ".join(f"{m} ({n})" for m, n in counts.items()) or "nothing"),
+    ]
+    if report["copied"]:
+        lines.append(f"{SEG_HEAD_PREFIX}* ({len(report['copied'])} tensors) initialised from the checkpoint's "
+                     f"{BOX_HEAD_PREFIX}* (the checkpoint has no segment pathway; same architecture).")
+    if fresh_counts:
+        lines.append("Initialised fresh: " + ", ".join(f"{m} ({n})" for m, n in fresh_counts.items()))
+    rows = []
+    for name, checkpoint_shape, model_shape, reason in report["shape_mismatch"]:
+        shown = f"{name} (from {report['copied'][name]})" if name in report["copied"] else name
+        rows.append((shown, "fresh: shape mismatch", str(checkpoint_shape), str(model_shape), reason))
+    for name in report["missing"]:
+        rows.append((name, "fresh: not in checkpoint", "-", "", ""))
+    if rows:
+        lines.append(tabulate(rows, headers=["parameter / buffer", "status", "checkpoint shape", "model shape",
+                                             "why"], tablefmt="pipe"))
+    if report["unused"]:
+        unused_counts = OrderedDict()
+        for name in report["unused"]:
+            unused_counts[_module_of(name)] = unused_counts.get(_module_of(name), 0) + 1
+        lines.append("Unused checkpoint tensors: " + ", ".join(f"{m} ({n})" for m, n in unused_counts.items()))
+    return "\n".join(lines)
+
+
+class MNCWarmStartCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that (1) reads ``.pth`` files with ``torch.load(weights_only=True)``,
+    (2) initialises the segment pathway from the checkpoint's box head when the checkpoint has none,
+    and (3) logs one summary of what loaded and what is fresh and why (instead of D2's per-key
+    warnings). Saving is D2's. The last report is kept in ``self.last_report``.
+
+    Args:
+        segment_pathway_from_box_head: do (2); False leaves the segment pathway at its random init.
+        other arguments: as :class:`DetectionCheckpointer`.
+    """
+
+    def __init__(self, model, save_dir="", *, segment_pathway_from_box_head: bool = True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.segment_pathway_from_box_head = segment_pathway_from_box_head
+        self.last_report: Optional[dict] = None
+        self._source = "the checkpoint"
+
+    def load(self, path, *args, **kwargs):
+        self._source = path or "the checkpoint"
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)  # legacy pickles: D2's loader (trusted files only)
+        try:
+            loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(
+                f"{filename} holds objects other than tensors and plain containers, so it was not loaded "
+                "with torch.load(weights_only=True). If you trust the file, re-save its weights: "
+                "torch.save({'model': torch.load(path, weights_only=False)['model']}, new_path)"
+            ) from e
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        return loaded
+
+    def _load_model(self, checkpoint):
+        state_dict = checkpoint["model"]
+        self._convert_ndarray_to_tensor(state_dict)
+        _strip_module_prefix(state_dict)
+        if checkpoint.get("matching_heuristics", False):
+            # Caffe2 / pycls names -> ours, done here (not in D2's _load_model) so the report sees ours
+            state_dict = align_and_update_state_dicts(self.model.state_dict(), state_dict,
+                                                      c2_conversion=checkpoint.get("__author__") == "Caffe2")
+            checkpoint["matching_heuristics"] = False
+        copied = add_segment_pathway_from_box_head(self.model, state_dict) if self.segment_pathway_from_box_head else {}
+        checkpoint["model"] = state_dict
+        self.last_report = warm_start_report(self.model, state_dict, copied)
+        self.logger.info(format_warm_start_report(self.last_report, self._source))
+        return super()._load_model(checkpoint)
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        # _load_model has logged the full report; D2's per-key warnings would repeat it
+        pass
+
+
+def attach_to_trainer(trainer) -> MNCWarmStartCheckpointer:
+    """Make a D2 0.6 ``DefaultTrainer`` load (``resume_or_load``) and save through
+    :class:`MNCWarmStartCheckpointer`. Call right after ``DefaultTrainer.__init__``, before
+    ``trainer.resume_or_load``: D2 builds its own checkpointer in ``__init__`` and hands it to the
+    PeriodicCheckpointer hook, which is re-pointed here too."""
+    from detectron2.engine import hooks
+
+    old = trainer.checkpointer
+    checkpointer = MNCWarmStartCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                            **old.checkpointables)
+    trainer.checkpointer = checkpointer
+    for hook in trainer._hooks:
+        if isinstance(hook, hooks.PeriodicCheckpointer):
+            hook.checkpointer = checkpointer
+    return checkpointer

@@ -1,0 +1,63 @@
+"""Shared fixtures: small MNC configs and hand-built inputs (two images, GT boxes with BitMasks)."""
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import mnc_d2  # noqa: E402  (registers everything)
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_CONFIG = os.path.join(REPO, "configs", "mnc_R18_GN_FPN_shapes_cpu.yaml")
+
+
+def small_cfg(*opts):
+    """The CPU config, made smaller for unit tests, with extra ``opts`` merged in."""
+    cfg = get_cfg()
+    mnc_d2.add_mnc_config(cfg)
+    cfg.merge_from_file(CPU_CONFIG)
+    cfg.merge_from_list([
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+        "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.MNC.MASK_HEAD.FC_DIM", 64,
+        "MODEL.MNC.MASK_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7,
+        "MODEL.MNC.MASK_HEAD.MASK_SIZE", 14, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+        *opts,
+    ])
+    return cfg
+
+
+def make_targets(image_size=(200, 250), boxes=((20, 30, 120, 140), (100, 60, 230, 180)), classes=(0, 3)):
+    """GT Instances with rectangular-ish masks (an ellipse inside each box)."""
+    h, w = image_size
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    masks = torch.zeros((len(boxes), h, w), dtype=torch.bool)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        masks[i] = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    inst.gt_masks = BitMasks(masks)
+    return inst
+
+
+def make_batch(with_gt=(True, True), image_size=(200, 250), seed=0):
+    """Two random images as D2 model inputs; ``with_gt`` False gives an image without annotations."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for has_gt in with_gt:
+        image = (torch.rand((3, *image_size), generator=g) * 255).to(torch.uint8).float()
+        targets = make_targets(image_size) if has_gt else make_targets(image_size, boxes=(), classes=())
+        batch.append({"image": image, "instances": targets, "height": image_size[0], "width": image_size[1]})
+    return batch
+
+
+@pytest.fixture
+def cfg():
+    return small_cfg()

@@ -1,0 +1,111 @@
+"""Issue 3's model parts: gradients through box coordinates (RPN -> RoI warp), five stages with shared
+weights, the segment-aware classifier."""
+import torch
+
+from conftest import make_targets, small_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from mnc_d2.modeling.roi_heads import _clip_gradient
+
+IMAGE_SIZE = (200, 250)
+# Large objects: many random-init proposals overlap them at IoU >= 0.5, so foreground RoIs come from
+# the RPN (not only from the appended GT boxes, which carry no gradient).
+BIG_BOXES = ((0, 0, 250, 200), (10, 5, 240, 190))
+
+
+def batch(boxes=BIG_BOXES, classes=(1, 2)):
+    g = torch.Generator().manual_seed(0)
+    return [{"image": (torch.rand((3, *IMAGE_SIZE), generator=g) * 255).float(),
+             "instances": make_targets(IMAGE_SIZE, boxes=boxes, classes=classes)} for _ in range(2)]
+
+
+def train_losses(*opts, inputs=None):
+    cfg = small_cfg("MODEL.RPN.POST_NMS_TOPK_TRAIN", 100, *opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        losses = model(inputs or batch())
+    return model, losses
+
+
+def _grad_norm(params):
+    return sum(p.grad.abs().sum().item() for p in params if p.grad is not None)
+
+
+def test_box_gradients_reach_rpn_deltas_from_mask_loss_alone():
+    model, losses = train_losses("MODEL.MNC.BOX_GRADIENTS.ENABLED", True)
+    losses["loss_mask"].backward()
+    deltas = model.proposal_generator.rpn_head.anchor_deltas
+    assert _grad_norm(deltas.parameters()) > 0
+    assert _grad_norm(model.proposal_generator.rpn_head.objectness_logits.parameters()) == 0
+
+
+def test_without_box_gradients_rpn_deltas_get_nothing_from_mask_loss():
+    model, losses = train_losses("MODEL.MNC.BOX_GRADIENTS.ENABLED", False)
+    losses["loss_mask"].backward()
+    assert _grad_norm(model.proposal_generator.rpn_head.anchor_deltas.parameters()) == 0
+
+
+def test_box_gradient_clip():
+    boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    (_clip_gradient(boxes * 1, 0.5) * torch.tensor([[10.0, -10.0, 0.1, -0.1]])).sum().backward()
+    assert torch.equal(boxes.grad, torch.tensor([[0.5, -0.5, 0.1, -0.1]]))
+
+
+def test_five_stages_report_losses_per_stage_and_share_weights():
+    model3, _ = train_losses("MODEL.MNC.NUM_STAGES", 3)
+    model5, losses = train_losses("MODEL.MNC.NUM_STAGES", 5)
+    assert {"loss_mask_stage4", "loss_cls_stage5", "loss_box_reg_stage5"} <= set(losses)
+    assert {"loss_mask", "loss_cls", "loss_box_reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # shared weights: no extra parameter exists for stages 4/5
+    assert model5.state_dict().keys() == model3.state_dict().keys()
+    # stage 4's loss trains the very mask head of stage 2
+    losses["loss_mask_stage4"].backward()
+    assert _grad_norm(model5.roi_heads.mask_head.parameters()) > 0
+
+
+def test_five_stage_refinement_passes_box_gradients_only_when_enabled():
+    for enabled in (True, False):
+        model, losses = train_losses("MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.BOX_GRADIENTS.ENABLED", enabled)
+        losses["loss_mask_stage4"].backward()  # reaches stage-3 box deltas only through refined boxes
+        got = _grad_norm(model.roi_heads.box_predictor.bbox_pred.parameters())
+        assert (got > 0) == enabled, (enabled, got)
+
+
+def test_five_stage_inference_merges_both_stages():
+    cfg = small_cfg("MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.TEST.MASK_VOTING", False)
+    model = build_model(cfg)
+    model.eval()
+    with torch.no_grad():
+        raw = model.inference([{"image": batch()[0]["image"]}], do_postprocess=False)[0]
+        out = model([{"image": batch()[0]["image"]}])[0]["instances"]
+    num_rois = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+    k = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert num_rois * k < len(raw) <= 2 * num_rois * k  # SCORE_THRESH_TEST 0: every (RoI, class) of both
+    assert len(out) == (raw.kept_rank >= 0).sum()
+
+
+def test_segment_classifier_gates_stage3_gradient_into_mask_head():
+    for mask_iou, expect_gradient in ((0.0, True), (1.01, False)):
+        model, losses = train_losses("MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", True,
+                                     "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", mask_iou)
+        assert "loss_seg_cls" in losses
+        losses["loss_cls"].backward()
+        got = _grad_norm(model.roi_heads.mask_head.parameters())
+        assert (got > 0) == expect_gradient, (mask_iou, got)
+
+
+def test_segment_classifier_scores_detections_at_test_time():
+    cfg = small_cfg("MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", True, "MODEL.MNC.TEST.MASK_VOTING", False,
+                    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.5)
+    model = build_model(cfg)
+    with torch.no_grad():  # make the segment classifier say "class 3" for every RoI
+        model.roi_heads.segment_classifier.weight.zero_()
+        model.roi_heads.segment_classifier.bias.zero_()
+        model.roi_heads.segment_classifier.bias[3] = 20.0
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": batch()[0]["image"]}])[0]["instances"]
+    assert len(out) > 0 and (out.pred_classes == 3).all() and (out.scores > 0.99).all()
