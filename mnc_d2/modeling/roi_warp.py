@@ -15,6 +15,11 @@ a sample with y < -1 or y > H (or x < -1 or x > W) is 0, and one inside
 Gradients w.r.t. a box coordinate are therefore 0 for samples that are zeroed or
 clamped, and, as for any bilinear interpolation, undefined where a sample lies
 exactly on an integer pixel coordinate (autograd then returns a one-sided value).
+The level of a box (FPN) is a discrete choice and gets no gradient.
+
+Cost: the samples are materialised before averaging, (R, C, h*S, w*S), i.e. S^2
+times the output; RoIAlign's kernel averages on the fly. Sample positions are
+computed in float32 (float64 for float64 features) whatever the feature dtype.
 """
 import math
 from typing import List, Sequence, Tuple, Union
@@ -108,7 +113,9 @@ def roi_warp(
     num_rois = boxes.shape[0]
     samples_h, samples_w = out_h * sampling_ratio, out_w * sampling_ratio
 
-    boxes = boxes.to(features.dtype)
+    # Image coordinates need float32 at least (half precision is ~1 px at 1000 px).
+    coord_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    boxes = boxes.to(coord_dtype)
     output = features.new_zeros((num_rois, num_channels, out_h, out_w))  # (R, C, h, w)
     if num_rois == 0:
         # Keep empty outputs attached to the graph so that a loss over them backprops.
@@ -128,7 +135,7 @@ def roi_warp(
             grid_y[:, :, None].expand(num_rois, samples_h, samples_w),
         ],
         dim=3,
-    )  # (R, Sh, Sw, 2)
+    ).to(features.dtype)  # (R, Sh, Sw, 2)
 
     # One grid_sample per image: its RoIs' sample grids stacked along the height axis.
     per_image_outputs, per_image_inds = [], []
