@@ -17,13 +17,12 @@ D2 0.6's checkpointer already skips shape-mismatched tensors, one warning each; 
 ends in one summary (tensors loaded per module, fresh ones with the reason, unused checkpoint
 tensors), and :func:`warm_start_report` returns the same as a dict for programs and tests.
 
-Files: a ``.pth`` (written by D2's / our checkpointer: a dict of tensors, optimizer and scheduler
-state and an ``iteration`` int) is read with ``torch.load(weights_only=True)``, which executes no
+Files: a ``.pth`` (written by D2's checkpointer: the model's tensors, the trainer's state
+(iteration, LR scheduler and, with mnc_d2's Trainer, optimizer) and an ``iteration`` int) is read with ``torch.load(weights_only=True)``, which executes no
 pickled code. Legacy ``.pkl`` files (Detectron1 / Caffe2 ImageNet models such as ``R-50.pkl``, and
 D2 model-zoo ``model_final_*.pkl``) are pickled numpy arrays and go through D2's own pickle loader:
 load such files only from sources you trust.
 """
-import logging
 import pickle
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple
@@ -38,12 +37,10 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 __all__ = [
     "MNCWarmStartCheckpointer",
     "add_segment_pathway_from_box_head",
-    "attach_to_trainer",
     "format_warm_start_report",
     "warm_start_report",
 ]
 
-logger = logging.getLogger(__name__)
 
 BOX_HEAD_PREFIX = "roi_heads.box_head."
 SEG_HEAD_PREFIX = "roi_heads.seg_head."
@@ -98,6 +95,21 @@ def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: 
     return "shape mismatch"
 
 
+def _missing_reason(name: str, checkpoint_keys) -> str:
+    """One line saying why a model tensor has no counterpart in the checkpoint."""
+    if name.startswith("roi_heads.mask_head."):
+        if any(k.startswith("roi_heads.mask_head.") for k in checkpoint_keys):
+            return "other mask head (MODEL.ROI_MASK_HEAD.NAME / MNC.MASK_HEAD.*)"
+        return "the checkpoint has no mask head (Faster R-CNN)"
+    if name.startswith("roi_heads.segment_classifier."):
+        return "MNC's segment-aware classifier has no D2 counterpart"
+    if name.startswith(SEG_HEAD_PREFIX):
+        if any(k.startswith(BOX_HEAD_PREFIX) for k in checkpoint_keys):
+            return "no segment pathway in the checkpoint, and not copied from its box head"
+        return "the checkpoint has neither a segment pathway nor a box head to copy it from"
+    return "not in the checkpoint"
+
+
 def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, object],
                       copied: Optional[Mapping[str, str]] = None) -> dict:
     """What loading ``checkpoint_state_dict`` into ``model`` does (nothing is loaded here).
@@ -111,9 +123,9 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
         dict with
           ``loaded``: names loaded from the checkpoint (including the copied ones),
           ``copied``: the ``copied`` argument,
-          ``missing``: model names initialised fresh because the checkpoint lacks them,
+          ``missing``: (name, model shape, reason) initialised fresh: the checkpoint lacks them,
           ``shape_mismatch``: (name, checkpoint shape, model shape, reason) initialised fresh,
-          ``fresh``: ``missing`` + the names in ``shape_mismatch``,
+          ``fresh``: the names in ``missing`` and ``shape_mismatch``,
           ``unused``: checkpoint names the model does not have,
           ``from_config``: buffers set from the config (pixel_mean/std) that the checkpoint lacks.
     """
@@ -121,10 +133,13 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
     model_state = model.state_dict()
     loaded, missing, mismatch, from_config = [], [], [], []
     for name, value in model_state.items():
-        if name not in checkpoint_state_dict:
-            (from_config if name.split(".")[-1] in _FROM_CONFIG else missing).append(name)
-            continue
         model_shape = tuple(value.shape)
+        if name not in checkpoint_state_dict:
+            if name.split(".")[-1] in _FROM_CONFIG:
+                from_config.append(name)
+            else:
+                missing.append((name, model_shape, _missing_reason(name, checkpoint_state_dict)))
+            continue
         checkpoint_shape = tuple(checkpoint_state_dict[name].shape)
         if model_shape == checkpoint_shape:
             loaded.append(name)
@@ -138,7 +153,7 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
         "copied": copied,
         "missing": missing,
         "shape_mismatch": mismatch,
-        "fresh": missing + [m[0] for m in mismatch],
+        "fresh": [m[0] for m in missing] + [m[0] for m in mismatch],
         "unused": unused,
         "from_config": from_config,
     }
@@ -174,8 +189,8 @@ def format_warm_start_report(report: dict, source: str = "the checkpoint") -> st
     for name, checkpoint_shape, model_shape, reason in report["shape_mismatch"]:
         shown = f"{name} (from {report['copied'][name]})" if name in report["copied"] else name
         rows.append((shown, "fresh: shape mismatch", str(checkpoint_shape), str(model_shape), reason))
-    for name in report["missing"]:
-        rows.append((name, "fresh: not in checkpoint", "-", "", ""))
+    for name, model_shape, reason in report["missing"]:
+        rows.append((name, "fresh: not in checkpoint", "-", str(model_shape), reason))
     if rows:
         lines.append(tabulate(rows, headers=["parameter / buffer", "status", "checkpoint shape", "model shape",
                                              "why"], tablefmt="pipe"))
@@ -191,7 +206,7 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that (1) reads ``.pth`` files with ``torch.load(weights_only=True)``,
     (2) initialises the segment pathway from the checkpoint's box head when the checkpoint has none,
     and (3) logs one summary of what loaded and what is fresh and why (instead of D2's per-key
-    warnings). Saving is D2's. The last report is kept in ``self.last_report``.
+    warnings; a WARNING when anything is fresh or unused, else INFO). Saving is D2's. The last report is kept in ``self.last_report``.
 
     Args:
         segment_pathway_from_box_head: do (2); False leaves the segment pathway at its random init.
@@ -214,6 +229,8 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
         try:
             loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):
+                raise  # not a checkpoint, or a truncated one
             raise RuntimeError(
                 f"{filename} holds objects other than tensors and plain containers, so it was not loaded "
                 "with torch.load(weights_only=True). If you trust the file, re-save its weights: "
@@ -235,26 +252,12 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
         copied = add_segment_pathway_from_box_head(self.model, state_dict) if self.segment_pathway_from_box_head else {}
         checkpoint["model"] = state_dict
         self.last_report = warm_start_report(self.model, state_dict, copied)
-        self.logger.info(format_warm_start_report(self.last_report, self._source))
+        something_fresh = self.last_report["fresh"] or self.last_report["unused"]
+        log = self.logger.warning if something_fresh else self.logger.info
+        log(format_warm_start_report(self.last_report, self._source))
         return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible) -> None:
         # _load_model has logged the full report; D2's per-key warnings would repeat it
         pass
 
-
-def attach_to_trainer(trainer) -> MNCWarmStartCheckpointer:
-    """Make a D2 0.6 ``DefaultTrainer`` load (``resume_or_load``) and save through
-    :class:`MNCWarmStartCheckpointer`. Call right after ``DefaultTrainer.__init__``, before
-    ``trainer.resume_or_load``: D2 builds its own checkpointer in ``__init__`` and hands it to the
-    PeriodicCheckpointer hook, which is re-pointed here too."""
-    from detectron2.engine import hooks
-
-    old = trainer.checkpointer
-    checkpointer = MNCWarmStartCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
-                                            **old.checkpointables)
-    trainer.checkpointer = checkpointer
-    for hook in trainer._hooks:
-        if isinstance(hook, hooks.PeriodicCheckpointer):
-            hook.checkpointer = checkpointer
-    return checkpointer

@@ -25,6 +25,9 @@ class MNC(GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg):
+        if not cfg.MODEL.MASK_ON:
+            raise ValueError("MNC trains masks in stage 2: set MODEL.MASK_ON True (it is False in D2's "
+                             "Faster R-CNN configs; without it the data loader drops the masks)")
         ret = super().from_config(cfg)
         test = cfg.MODEL.MNC.TEST
         ret.update(mask_threshold=test.MASK_THRESHOLD, mask_voting=test.MASK_VOTING, voting_iou=test.VOTING_IOU)

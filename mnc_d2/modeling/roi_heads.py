@@ -39,6 +39,20 @@ def _clip_gradient(tensor: torch.Tensor, clip: float) -> torch.Tensor:
     return tensor
 
 
+def _pathway_head_cfg(cfg):
+    """Config of the stage-3 pathway heads. D2's C4 configs have no box head (Res5ROIHeads runs res5
+    instead): MNC then builds the head of configs/mnc_R_50_C4_1x.yaml (conv 256 + 2 FC) and says so."""
+    if cfg.MODEL.ROI_BOX_HEAD.NAME:
+        return cfg
+    logger.warning("MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?): MNC's stage-3 pathways use "
+                   "FastRCNNConvFCHead with NUM_CONV 1, CONV_DIM 256, NUM_FC 2, FC_DIM 1024")
+    box_cfg = cfg.clone()
+    box_cfg.defrost()
+    head = box_cfg.MODEL.ROI_BOX_HEAD
+    head.NAME, head.NUM_CONV, head.CONV_DIM, head.NUM_FC, head.FC_DIM = "FastRCNNConvFCHead", 1, 256, 2, 1024
+    return box_cfg
+
+
 @ROI_HEADS_REGISTRY.register()
 class MNCROIHeads(ROIHeads):
     """
@@ -132,8 +146,9 @@ class MNCROIHeads(ROIHeads):
             mask_cfg.defrost()
             mask_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
         mask_head = build_mask_head(mask_cfg, roi_shape)
-        box_head = build_box_head(cfg, roi_shape)
-        seg_head = build_box_head(cfg, roi_shape) if mnc.SEGMENT_PATHWAY else None
+        box_cfg = _pathway_head_cfg(cfg)
+        box_head = build_box_head(box_cfg, roi_shape)
+        seg_head = build_box_head(box_cfg, roi_shape) if mnc.SEGMENT_PATHWAY else None
         predictor_channels = box_head.output_shape.channels + (seg_head.output_shape.channels if seg_head else 0)
         predictor_shape = ShapeSpec(channels=predictor_channels)
         box_predictor = FastRCNNOutputLayers(cfg, predictor_shape)

@@ -1,0 +1,223 @@
+"""MNC demo: run a trained model on images, a directory, a glob or a video; write visualisations and
+COCO-format results.
+
+    python -m mnc_d2.demo --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml \\
+        --input images/ "more/*.jpg" clip.mp4 --output demo_out --confidence-threshold 0.5 \\
+        --opts MODEL.WEIGHTS output/mnc_R18_GN_FPN_shapes_cpu/model_final.pth
+
+Writes into ``--output``: ``<image name>.png`` per image, ``<video name>.mp4`` per video (mp4v),
+``coco_results.json`` (all detections scoring >= the threshold, COCO result format, category ids of
+the dataset ``cfg.DATASETS.TEST[0]`` where they can be known: :func:`dataset_category_ids`) and ``image_ids.json`` (input image or ``video#frame`` -> the
+``image_id`` used in the results). Images named by a number (COCO's ``000000000139.jpg``) keep that
+number as their id, so results on COCO val images can be scored against the official annotations.
+Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.WEIGHTS, MODEL.DEVICE).
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import torch
+import tqdm
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import Instances
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .config import add_mnc_config
+
+__all__ = ["MNCDemo", "dataset_category_ids", "expand_inputs", "get_parser", "main", "setup_cfg"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+logger = logging.getLogger("mnc_d2.demo")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mnc_d2.demo",
+                                     description="MNC demo (Detectron2): visualise predictions, write COCO results")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="an mnc_d2 (or switched D2) config")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, directories, quoted globs ('imgs/*.jpg') and/or video files")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="keep detections scoring at least this (drawn and written to the json)")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_mnc_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: add --opts MODEL.DEVICE cpu")
+    return cfg
+
+
+def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
+    """``--input`` items -> (image paths, video paths), in the given order; directories give their
+    images sorted by name, globs their matches sorted. Raises FileNotFoundError for an item that
+    matches nothing."""
+    images, videos = [], []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            paths = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif glob.has_magic(pattern):
+            paths = sorted(glob.glob(os.path.expanduser(pattern)))
+        elif os.path.isfile(pattern):
+            paths = [pattern]
+        else:
+            paths = []
+        if not paths:
+            raise FileNotFoundError(f"--input {pattern!r} matches no image or video file")
+        for path in paths:
+            (videos if path.lower().endswith(VIDEO_EXTENSIONS) else images).append(path)
+    return images, videos
+
+
+def _image_ids(images: List[str]) -> Dict[str, int]:
+    """COCO-style numeric names keep their number when all are numeric and distinct; else 0, 1, ..."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return {p: int(s) for p, s in zip(images, stems)}
+    return {p: i for i, p in enumerate(images)}
+
+
+def _unique_name(path: str, extension: str, taken: set) -> str:
+    """``dir/a.jpg`` -> ``a.png``; a second ``a`` from another folder becomes ``a_1.png``."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, k = stem + extension, 1
+    while name in taken:
+        name, k = f"{stem}_{k}{extension}", k + 1
+    taken.add(name)
+    return name
+
+
+def dataset_category_ids(metadata) -> Optional[Dict[int, int]]:
+    """contiguous class index -> the dataset's category id, as D2's evaluators map them: from
+    ``thing_dataset_id_to_contiguous_id`` (D2's builtin COCO), else from the categories of the
+    dataset's COCO json when it exists (sorted ids, as ``load_coco_json``), else +1 for LVIS;
+    None (contiguous ids are written) otherwise."""
+    id_map = metadata.get("thing_dataset_id_to_contiguous_id", None)
+    json_file = metadata.get("json_file", None)
+    if not id_map and json_file and os.path.isfile(json_file):
+        with open(json_file) as f:
+            category_ids = sorted(c["id"] for c in json.load(f).get("categories", []))
+        id_map = {dataset_id: i for i, dataset_id in enumerate(category_ids)}
+    if id_map:
+        return {contiguous: dataset_id for dataset_id, contiguous in id_map.items()}
+    if metadata.get("evaluator_type", None) == "lvis":
+        return {i: i + 1 for i in range(len(metadata.get("thing_classes", [])))}
+    return None
+
+
+class MNCDemo:
+    """DefaultPredictor + Visualizer for one config. Detections below ``confidence_threshold`` are
+    dropped after prediction (not through SCORE_THRESH_TEST, which also decides which candidates
+    take part in MNC's mask voting)."""
+
+    def __init__(self, cfg, confidence_threshold: float = 0.5):
+        self.cfg = cfg
+        self.predictor = DefaultPredictor(cfg)
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+        self.confidence_threshold = confidence_threshold
+        self.contiguous_to_dataset_id = dataset_category_ids(self.metadata)
+
+    def predict(self, image_bgr) -> Instances:
+        """(H, W, 3) uint8 BGR -> Instances on the CPU at image resolution, above the threshold."""
+        instances = self.predictor(image_bgr)["instances"].to("cpu")
+        return instances[instances.scores >= self.confidence_threshold]
+
+    def coco_results(self, instances: Instances, image_id: int) -> List[dict]:
+        results = instances_to_coco_json(instances, image_id)
+        if self.contiguous_to_dataset_id:
+            for r in results:
+                r["category_id"] = self.contiguous_to_dataset_id[r["category_id"]]
+        return results
+
+    def draw(self, image_bgr, instances: Instances):
+        """BGR visualisation of ``instances`` drawn on ``image_bgr``."""
+        visualizer = Visualizer(image_bgr[:, :, ::-1], self.metadata, instance_mode=ColorMode.IMAGE)
+        return visualizer.draw_instance_predictions(instances).get_image()[:, :, ::-1]
+
+    def run_on_video(self, video_path: str, output_path: str, first_image_id: int, image_ids: Dict[str, int]):
+        """Visualise every frame into an mp4v file; returns the frames' COCO results."""
+        capture = cv2.VideoCapture(video_path)
+        if not capture.isOpened():
+            raise RuntimeError(f"OpenCV cannot read video {video_path}")
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        num_frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        writer = cv2.VideoWriter(output_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        video_visualizer = VideoVisualizer(self.metadata, ColorMode.IMAGE)  # stable colours across frames
+        results, frame_index = [], 0
+        try:
+            with tqdm.tqdm(total=num_frames, desc=os.path.basename(video_path), unit="frame") as bar:
+                while True:
+                    ok, frame = capture.read()
+                    if not ok:
+                        break
+                    instances = self.predict(frame)
+                    vis = video_visualizer.draw_instance_predictions(frame[:, :, ::-1], instances)
+                    writer.write(vis.get_image()[:, :, ::-1])
+                    image_id = first_image_id + frame_index
+                    image_ids[f"{video_path}#{frame_index}"] = image_id
+                    results.extend(self.coco_results(instances, image_id))
+                    frame_index += 1
+                    bar.update(1)
+        finally:
+            capture.release()
+            writer.release()
+        return results
+
+
+def main(argv=None) -> List[dict]:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="mnc_d2")
+    setup_logger(name="fvcore")
+    cfg = setup_cfg(args)
+    images, videos = expand_inputs(args.input)
+    os.makedirs(args.output, exist_ok=True)
+    demo = MNCDemo(cfg, args.confidence_threshold)
+
+    image_ids = _image_ids(images)
+    results, taken = [], set()
+    for path in tqdm.tqdm(images, desc="images", unit="image", disable=not images):
+        image = read_image(path, format="BGR")
+        instances = demo.predict(image)
+        results.extend(demo.coco_results(instances, image_ids[path]))
+        cv2.imwrite(os.path.join(args.output, _unique_name(path, ".png", taken)), demo.draw(image, instances))
+    next_id = max(image_ids.values(), default=-1) + 1
+    for path in videos:
+        frames_before = len(image_ids)
+        results.extend(demo.run_on_video(path, os.path.join(args.output, _unique_name(path, ".mp4", taken)),
+                                         next_id, image_ids))
+        next_id += len(image_ids) - frames_before
+
+    with open(os.path.join(args.output, "coco_results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(args.output, "image_ids.json"), "w") as f:
+        json.dump(image_ids, f, indent=1)
+    logger.info(f"{len(images)} images, {len(videos)} videos, {len(results)} detections -> {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,108 @@
+"""The demo CLI (``python -m mnc_d2.demo``) on images and a video, with a checkpoint the test writes."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from conftest import REPO, small_cfg
+from detectron2.data import Metadata
+
+from mnc_d2.demo import _image_ids, dataset_category_ids, expand_inputs
+
+CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
+# small_cfg's shrinking, for both the checkpoint and the CLI (score threshold 0: random weights)
+SMALL_OPTS = ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+              "MODEL.MNC.MASK_HEAD.FC_DIM", 64, "MODEL.MNC.MASK_HEAD.CONV_DIM", 16,
+              "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.MASK_HEAD.MASK_SIZE", 14,
+              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 5]
+SIZE = (96, 128)  # h, w
+
+
+def _image(seed):
+    rng = np.random.default_rng(seed)
+    image = np.full((*SIZE, 3), 40, np.uint8)
+    cv2.circle(image, (40, 50), 25, tuple(int(c) for c in rng.integers(100, 255, 3)), -1)
+    cv2.rectangle(image, (70, 20), (115, 70), tuple(int(c) for c in rng.integers(100, 255, 3)), -1)
+    return image
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    images = root / "images"
+    images.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(images / f"shape_{i}.png"), _image(i))
+    video = str(root / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (SIZE[1], SIZE[0]))
+    for i in range(3):
+        writer.write(_image(10 + i))
+    writer.release()
+    cfg = small_cfg()
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(SMALL_OPTS)
+    weights = root / "model.pth"
+    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("model")
+    return root, str(images), video, str(weights)
+
+
+def test_cli_on_images_and_video(inputs, tmp_path):
+    root, images, video, weights = inputs
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mnc_d2.demo", "--config-file", CONFIG, "--input", images, video,
+           "--output", str(out), "--confidence-threshold", "0.01", "--opts", "MODEL.WEIGHTS", weights,
+           *map(str, SMALL_OPTS)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loading from " + weights in proc.stdout + proc.stderr
+
+    for name in ("shape_0.png", "shape_1.png"):
+        vis = cv2.imread(str(out / name))
+        assert vis is not None and vis.shape == (*SIZE, 3)
+    capture = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 3
+
+    results = json.loads((out / "coco_results.json").read_text())
+    assert isinstance(results, list) and results
+    for r in results:
+        assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r)
+        assert r["score"] >= 0.01 and len(r["bbox"]) == 4 and set(r["segmentation"]) == {"size", "counts"}
+        assert list(r["segmentation"]["size"]) == list(SIZE)
+    ids = json.loads((out / "image_ids.json").read_text())
+    assert sorted(ids.values()) == list(range(5))  # 2 images, then 3 frames
+    assert {r["image_id"] for r in results} <= set(ids.values())
+
+
+def test_expand_inputs(tmp_path):
+    for name in ("b.jpg", "a.png", "notes.txt", "v.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([str(tmp_path)]) == ([str(tmp_path / "a.png"), str(tmp_path / "b.jpg")], [])
+    assert expand_inputs([str(tmp_path / "*.mp4"), str(tmp_path / "b.jpg")]) == (
+        [str(tmp_path / "b.jpg")], [str(tmp_path / "v.mp4")])
+    with pytest.raises(FileNotFoundError):
+        expand_inputs([str(tmp_path / "missing*.jpg")])
+
+
+def test_coco_style_names_keep_their_ids():
+    assert _image_ids(["x/000000000139.jpg", "y/000000000285.jpg"]) == {"x/000000000139.jpg": 139,
+                                                                          "y/000000000285.jpg": 285}
+    assert _image_ids(["a.jpg", "000000000139.jpg"]) == {"a.jpg": 0, "000000000139.jpg": 1}
+
+
+def test_dataset_category_ids(tmp_path):
+    assert dataset_category_ids(Metadata(thing_dataset_id_to_contiguous_id={1: 0, 3: 1})) == {0: 1, 1: 3}
+    json_file = tmp_path / "instances.json"
+    json_file.write_text(json.dumps({"categories": [{"id": 7, "name": "b"}, {"id": 2, "name": "a"}]}))
+    assert dataset_category_ids(Metadata(json_file=str(json_file))) == {0: 2, 1: 7}
+    assert dataset_category_ids(Metadata(evaluator_type="lvis", thing_classes=["a", "b"])) == {0: 1, 1: 2}
+    assert dataset_category_ids(Metadata(json_file=str(tmp_path / "missing.json"))) is None
