@@ -10,7 +10,8 @@ checkpoint loads into them. What cannot load is initialised fresh, and the repor
 * ``roi_heads.box_predictor.{cls_score,bbox_pred}``: their input is box pathway ++ segment pathway,
   twice as wide as D2's, so they are fresh.
 * ``roi_heads.box_head.fc1``: its input is C * P * P; it loads only if the MNC config's
-  ``ROI_BOX_HEAD.POOLER_RESOLUTION`` (P; 14 in MNC's configs) equals the checkpoint's (7 in D2's).
+  ``ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL`` (14 / 2 = 7 in MNC's configs) equals the
+  checkpoint's box pooler resolution (7 in D2's).
 * ``roi_heads.mask_head.predictor``: MNC's stage 2 predicts one class-agnostic mask, D2 one per class.
 
 D2 0.6's checkpointer already skips shape-mismatched tensors, one warning each; here every load
@@ -85,7 +86,8 @@ def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: 
                     f"(the checkpoint's predictor reads {checkpoint_shape[1]})")
         return "other number of classes (ROI_HEADS.NUM_CLASSES) or class-agnostic box regression"
     if name.startswith(("roi_heads.box_head.fc1.", "roi_heads.seg_head.fc1.")) and same_rank and len(model_shape) == 2:
-        return ("fc1 input C*P*P differs: check MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION (MNC configs 14, "
+        return ("fc1 input C*P*P differs: check MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL "
+                "(MNC: 14 pooled 2x2 = 7, "
                 "D2 configs 7), FPN.OUT_CHANNELS / ROI_BOX_HEAD.NUM_CONV")
     if name.startswith("roi_heads.mask_head.predictor.") and same_rank and model_shape[0] == 1 \
             and checkpoint_shape[0] > 1:

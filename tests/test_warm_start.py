@@ -34,7 +34,7 @@ def d2_cfg(*opts):
 def mnc_cfg(*opts):
     """Small MNC whose stage-2 head is D2's conv mask head (so its convs can load from Mask R-CNN)."""
     return small_cfg("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 2,
-                     "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, *opts)
+                     "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 14, *opts)
 
 
 def write_checkpoint(cfg, path):
@@ -70,7 +70,8 @@ def assert_loaded(model, ckpt, prefixes, source_prefix=None):
 
 
 def test_mask_rcnn_same_resolution(mask_rcnn_checkpoint, caplog):
-    """POOLER_RESOLUTION 7 on both sides: backbone, RPN, box head, mask convs load; the segment
+    """MNC's 14x14 RoI features max-pooled 2x2 (PATHWAY_POOL, as the reference) give 7x7 pathway inputs,
+    like D2's 7x7 box pooler: backbone, RPN, box head, mask convs load; the segment
     pathway comes from the box head; the predictors' weights are fresh with their reasons."""
     path, ckpt = mask_rcnn_checkpoint
     with caplog.at_level(logging.INFO):
@@ -101,10 +102,11 @@ def test_mask_rcnn_same_resolution(mask_rcnn_checkpoint, caplog):
 
 
 def test_mask_rcnn_other_resolution_is_reported(mask_rcnn_checkpoint, caplog):
-    """MNC's 14x14 RoI features: fc1 of both pathways cannot load, and the log says so and why."""
+    """MNC's 14x14 RoI features unpooled (PATHWAY_POOL 1): fc1 of both pathways cannot load, and the
+    log says so and why."""
     path, ckpt = mask_rcnn_checkpoint
     with caplog.at_level(logging.INFO):
-        model, before, report = warm_start(mnc_cfg("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 14), path)
+        model, before, report = warm_start(mnc_cfg("MODEL.MNC.PATHWAY_POOL", 1), path)
     assert_loaded(model, ckpt, ("backbone.", "proposal_generator."))
     mismatch = {name: (c, m, why) for name, c, m, why in report["shape_mismatch"]}
     fc_dim, channels = 64, 32
@@ -123,7 +125,7 @@ def test_faster_rcnn_into_paper_mask_head(tmp_path):
     path = str(tmp_path / "faster_rcnn.pth")
     ckpt = write_checkpoint(d2_cfg("MODEL.MASK_ON", False), path)
     assert not any(k.startswith("roi_heads.mask_head.") for k in ckpt)
-    model, before, report = warm_start(small_cfg(), path)  # MNCMaskHead
+    model, before, report = warm_start(small_cfg("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 14), path)  # MNCMaskHead
     assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_head."))
     mask_head = [k for k in model.state_dict() if k.startswith("roi_heads.mask_head.")]
     assert {name for name, _, _ in report["missing"]} == set(mask_head)
@@ -229,7 +231,8 @@ def test_legacy_pickles(tmp_path, mask_rcnn_checkpoint):
 def test_d2_model_zoo_mask_rcnn_into_mnc():
     """The flagship path, D2's R50-FPN Mask R-CNN -> MNC, compared on state dicts (no file): with the
     D2 config switched to MNC only the predictors are fresh; with mnc_d2's R50-FPN config (14x14 RoI
-    features, the paper's FC mask head) fc1 and the mask head are fresh too."""
+    features pooled 2x2 to D2's 7x7, the paper's FC mask head) the box head loads too, the mask head is
+    fresh."""
     def zoo_cfg(path, *opts):
         cfg = get_cfg()
         mnc_d2.add_mnc_config(cfg)
@@ -253,6 +256,7 @@ def test_d2_model_zoo_mask_rcnn_into_mnc():
     state = dict(d2_state)
     report = warm_start_report(mnc, state, add_segment_pathway_from_box_head(mnc, state))
     fresh = set(report["fresh"])
-    assert {"roi_heads.box_head.fc1.weight", "roi_heads.seg_head.fc1.weight"} <= fresh
-    assert all(k.startswith("roi_heads.") for k in fresh)
+    assert not fresh & {"roi_heads.box_head.fc1.weight", "roi_heads.seg_head.fc1.weight"}
+    assert {k for k in mnc.state_dict() if k.startswith("roi_heads.mask_head.")} <= fresh
+    assert all(k.startswith(("roi_heads.mask_head.", "roi_heads.box_predictor.")) for k in fresh)
     assert not any(k.startswith(("backbone.", "proposal_generator.")) for k in report["fresh"] + report["unused"])

@@ -86,6 +86,8 @@ class MNCROIHeads(ROIHeads):
         mask_threshold: float = 0.4,
         box_gradients: bool = False,
         box_gradient_clip: float = 0.0,
+        pathway_pool: int = 1,
+        refined_min_size: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -109,6 +111,8 @@ class MNCROIHeads(ROIHeads):
         self.mask_threshold = mask_threshold
         self.box_gradients = box_gradients
         self.box_gradient_clip = box_gradient_clip
+        self.pathway_pool = pathway_pool
+        self.refined_min_size = refined_min_size
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -136,6 +140,12 @@ class MNCROIHeads(ROIHeads):
                                    sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
                                    pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
         roi_shape = ShapeSpec(channels=in_channels, height=resolution, width=resolution)
+        pool = mnc.PATHWAY_POOL
+        if resolution % pool:  # e.g. a D2 config's 7x7 pooler: its box head then matches D2 checkpoints
+            logger.warning(f"MODEL.MNC.PATHWAY_POOL={pool} does not divide MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION="
+                           f"{resolution}: the stage-3 pathways read the {resolution}x{resolution} RoI features unpooled")
+            pool = 1
+        pathway_shape = ShapeSpec(channels=in_channels, height=resolution // pool, width=resolution // pool)
 
         mask_cfg = cfg
         if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK and cfg.MODEL.ROI_MASK_HEAD.NAME != "MNCMaskHead":
@@ -147,8 +157,8 @@ class MNCROIHeads(ROIHeads):
             mask_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
         mask_head = build_mask_head(mask_cfg, roi_shape)
         box_cfg = _pathway_head_cfg(cfg)
-        box_head = build_box_head(box_cfg, roi_shape)
-        seg_head = build_box_head(box_cfg, roi_shape) if mnc.SEGMENT_PATHWAY else None
+        box_head = build_box_head(box_cfg, pathway_shape)
+        seg_head = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
         predictor_channels = box_head.output_shape.channels + (seg_head.output_shape.channels if seg_head else 0)
         predictor_shape = ShapeSpec(channels=predictor_channels)
         box_predictor = FastRCNNOutputLayers(cfg, predictor_shape)
@@ -165,7 +175,7 @@ class MNCROIHeads(ROIHeads):
             bg_hard_fraction=mnc.BG_HARD_FRACTION, fg_iou=cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[-1],
             refined_fg_iou=mnc.REFINED_FG_IOU, segment_mask_iou=mnc.SEGMENT_CLASSIFIER.MASK_IOU,
             mask_threshold=mnc.TEST.MASK_THRESHOLD, box_gradients=mnc.BOX_GRADIENTS.ENABLED,
-            box_gradient_clip=mnc.BOX_GRADIENTS.CLIP,
+            box_gradient_clip=mnc.BOX_GRADIENTS.CLIP, pathway_pool=pool, refined_min_size=mnc.REFINED_MIN_SIZE,
         )
         return ret
 
@@ -219,6 +229,8 @@ class MNCROIHeads(ROIHeads):
         """Stage-4/5 RoIs: refined boxes plus GT boxes, labelled at IoU >= refined_fg_iou, no subsampling."""
         labelled = []
         for boxes_i, targets_i in zip(refined, targets):
+            # degenerate boxes (e.g. clipped to zero width) would give infinite regression targets
+            boxes_i = boxes_i[Boxes(boxes_i.tensor.detach()).nonempty(threshold=self.refined_min_size)]
             rois = Instances(targets_i.image_size)
             rois.proposal_boxes = Boxes.cat([boxes_i, targets_i.gt_boxes]) if len(targets_i) else boxes_i
             max_iou, matched = self._match(rois.proposal_boxes.tensor, targets_i)
@@ -242,13 +254,17 @@ class MNCROIHeads(ROIHeads):
 
     def _stage3(self, roi_features: torch.Tensor, mask_probs: torch.Tensor):
         """Class scores (R, K+1), box deltas (R, K*4), segment-classifier scores (R, K+1) or None."""
-        pathways = [self.box_head(roi_features)]  # (R, D)
+        pathways = [self.box_head(self._pool(roi_features))]  # (R, D)
         if self.seg_head is not None:
-            pathways.append(self.seg_head(mask_pooled_features(roi_features, mask_probs)))  # (R, D)
+            pathways.append(self.seg_head(self._pool(mask_pooled_features(roi_features, mask_probs))))  # (R, D)
         joint = torch.cat(pathways, dim=1)  # (R, 2D)
         scores, deltas = self.box_predictor(joint)
         seg_scores = self.segment_classifier(joint) if self.segment_classifier is not None else None
         return scores, deltas, seg_scores
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, P, P) -> (R, C, P/k, P/k) max-pooled input of a stage-3 pathway (k = PATHWAY_POOL)."""
+        return F.max_pool2d(x, self.pathway_pool) if self.pathway_pool > 1 else x
 
     def _stage_losses(self, features, rois: List[Instances], suffix_mask: str, suffix_cls: str):
         """Stage 2 + stage 3 losses on labelled RoIs; also returns the stage-3 predictions."""

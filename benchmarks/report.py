@@ -1,0 +1,313 @@
+"""The benchmark's outputs: ratios to the baseline, pass/fail against the targets, and the JSON file,
+markdown table and PNG figure written from them. Pure functions of the per-model results of
+``worker.py``; no Detectron2 import, so reports can be rebuilt from a saved ``benchmark.json``::
+
+    python -m benchmarks.report benchmarks/results/shapes/benchmark.json
+"""
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional
+
+BASELINE = "maskrcnn"
+TARGET_MODEL = "mnc3"  # the issue's targets are stated for MNC three-stage; other models get them for information
+# name -> (description, comparison, limit): the ratio (or difference) MNC vs the baseline, measured in one run
+TARGETS = {
+    "inference_time_ratio": ("inference s/image (batch 1) ÷ Mask R-CNN's", "<=", 1.10),
+    "train_time_ratio": ("training s/iteration ÷ Mask R-CNN's", "<=", 1.20),
+    "memory_ratio": ("peak memory ÷ Mask R-CNN's", "<=", 1.15),
+    "segm_ap_diff": ("mask AP − Mask R-CNN's (AP points)", ">=", 0.0),
+}
+RESULT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "figure": "benchmark.png"}
+
+
+# ------------------------------------------------------------------------------------ accessors
+def _ok(result: Optional[Dict]) -> bool:
+    return bool(result) and result.get("status") == "ok"
+
+
+def train_s_per_iter(result: Dict) -> Optional[float]:
+    return result["train"]["s_per_iter"]["median"] if _ok(result) else None
+
+
+def train_cpu_s_per_iter(result: Dict) -> Optional[float]:
+    return result["train"]["cpu_s_per_iter"]["median"] if _ok(result) else None
+
+
+def inference_s_per_image(result: Dict) -> Optional[float]:
+    return result["inference"]["s_per_image"]["median"] if _ok(result) else None
+
+
+def peak_memory_mb(result: Dict) -> Optional[float]:
+    """The larger of the training and inference peaks (the training one, in practice)."""
+    if not _ok(result):
+        return None
+    peaks = [result["memory"].get(k) for k in ("train_peak_mb", "inference_peak_mb")]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def final_ap(result: Dict, task: str = "segm", key: str = "AP") -> Optional[float]:
+    if not _ok(result):
+        return None
+    return result["eval"]["final"].get(task, {}).get(key)
+
+
+def _missing(value: Optional[float]) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if _missing(a) or _missing(b) or b <= 0:
+        return None
+    return round(a / b, 3)
+
+
+def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if _missing(a) or _missing(b) else round(a - b, 3)
+
+
+# ------------------------------------------------------------------------------------ comparison
+def compare(models: Dict[str, Dict], baseline: str = BASELINE) -> Dict[str, Dict]:
+    """Per non-baseline model: ratios to the baseline and pass/fail (None = not measurable) per target."""
+    base = models.get(baseline)
+    out = {}
+    for name, result in models.items():
+        if name == baseline or not _ok(result) or not _ok(base):
+            continue
+        values = {
+            "train_time_ratio": _ratio(train_s_per_iter(result), train_s_per_iter(base)),
+            "train_cpu_time_ratio": _ratio(train_cpu_s_per_iter(result), train_cpu_s_per_iter(base)),
+            "inference_time_ratio": _ratio(inference_s_per_image(result), inference_s_per_image(base)),
+            "memory_ratio": _ratio(peak_memory_mb(result), peak_memory_mb(base)),
+            "segm_ap_diff": _diff(final_ap(result, "segm"), final_ap(base, "segm")),
+            "bbox_ap_diff": _diff(final_ap(result, "bbox"), final_ap(base, "bbox")),
+        }
+        passed = {}
+        for target, (_, op, limit) in TARGETS.items():
+            value = values[target]
+            passed[target] = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        values["pass"] = passed
+        values["all_pass"] = all(passed.values()) if all(p is not None for p in passed.values()) else None
+        out[name] = values
+    return out
+
+
+# ------------------------------------------------------------------------------------ JSON
+def _finite(obj):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def build_report(meta: Dict, models: Dict[str, Dict]) -> Dict:
+    return _finite({
+        "benchmark": meta,
+        "targets": {k: {"description": d, "op": op, "limit": limit, "model": TARGET_MODEL}
+                    for k, (d, op, limit) in TARGETS.items()},
+        "baseline": BASELINE,
+        "models": models,
+        "comparison": compare(models),
+    })
+
+
+# ------------------------------------------------------------------------------------ markdown
+def _fmt(value, spec: str = ".3f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _verdict(passed: Optional[bool]) -> str:
+    return "n/a" if passed is None else ("**PASS**" if passed else "**FAIL**")
+
+
+def markdown(report: Dict) -> str:
+    meta, models, comparison = report["benchmark"], report["models"], report["comparison"]
+    lines = [f"# MNC vs Detectron2 Mask R-CNN: `{meta['dataset']}` ({meta['size']} size)", ""]
+    lines.append(
+        f"One run of `{meta['command']}` on {meta['host']['device_name']} ({meta['threads']} threads), "
+        f"{meta['started']}. Every model: {meta['backbone']}, trained for {meta['iters']} iterations "
+        f"× {meta['ims_per_batch']} images on `{meta['train_dataset']}`, evaluated on `{meta['val_dataset']}` "
+        f"({meta['num_val_images']} images) every {meta['eval_period']} iterations, seed {meta['seed']}; "
+        f"git {meta['git']}."
+    )
+    lines += ["", "| model | train s/iter | ÷ MR | infer s/img | ÷ MR | peak MB | ÷ MR | segm AP | AP50 | AP75 "
+              "| bbox AP | Δ segm AP |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in models.items():
+        title = f"{result.get('label', name)} (`{name}`)"
+        if not _ok(result):
+            lines.append(f"| {title} | {result.get('status', '?')}: {result.get('message', '')} |" + " |" * 11)
+            continue
+        cmp_ = comparison.get(name, {})
+        is_base = name == report["baseline"]
+        one = "1.00" if is_base else None
+        lines.append("| " + " | ".join([
+            title,
+            _fmt(train_s_per_iter(result)), one or _fmt(cmp_.get("train_time_ratio"), ".2f"),
+            _fmt(inference_s_per_image(result)), one or _fmt(cmp_.get("inference_time_ratio"), ".2f"),
+            _fmt(peak_memory_mb(result), ".0f"), one or _fmt(cmp_.get("memory_ratio"), ".2f"),
+            _fmt(final_ap(result, "segm"), ".1f"), _fmt(final_ap(result, "segm", "AP50"), ".1f"),
+            _fmt(final_ap(result, "segm", "AP75"), ".1f"), _fmt(final_ap(result, "bbox"), ".1f"),
+            "0.0" if is_base else _fmt(cmp_.get("segm_ap_diff"), "+.1f"),
+        ]) + " |")
+    lines += ["", "÷ MR: ratio to Mask R-CNN measured in this run. Times are medians after warm-up (training: "
+              "one `run_step` = data + forward + backward + update, evaluation excluded; inference: "
+              "`model([image])` in eval mode, mask pasting included). Peak MB: "
+              f"{_memory_phrase(models)}. AP: COCO AP (0-100) after the last iteration.", ""]
+
+    if comparison:
+        names = list(comparison)
+        lines += ["## Targets", "", "| target | limit | " + " | ".join(
+            f"`{n}`" + (" (target model)" if n == TARGET_MODEL else "") for n in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+        for target, info in report["targets"].items():
+            cells = []
+            for n in names:
+                value = comparison[n].get(target)
+                shown = _fmt(value, "+.1f") if target.endswith("diff") else _fmt(value, ".2f", "×")
+                cells.append(f"{shown} {_verdict(comparison[n]['pass'].get(target))}")
+            lines.append(f"| {info['description']} | {info['op'].replace('<=', '≤').replace('>=', '≥')} "
+                         f"{info['limit']:g} | " + " | ".join(cells) + " |")
+        cpu = [f"`{n}` {_fmt(comparison[n].get('train_cpu_time_ratio'), '.2f', '×')}" for n in names]
+        lines += ["", "Training CPU-time ratio (process CPU seconds per iteration, less sensitive to other load "
+                  "on a shared machine): " + ", ".join(cpu) + "."]
+    elif report["baseline"] not in models:
+        lines += ["No Mask R-CNN in this run (`--models` without `maskrcnn`): no ratios or targets."]
+
+    curves = {n: r["eval"]["curve"] for n, r in models.items() if _ok(r) and r["eval"]["curve"]}
+    if curves:
+        iters = sorted({point["iter"] for curve in curves.values() for point in curve})
+        lines += ["", "## Learning curve (segm AP / bbox AP)", "", "| iteration | " + " | ".join(
+            f"`{n}`" for n in curves) + " |", "|---:|" + "---:|" * len(curves)]
+        for it in iters:
+            cells = []
+            for curve in curves.values():
+                point = next((p for p in curve if p["iter"] == it), None)
+                if point is None:
+                    cells.append("–")
+                    continue
+                segm, bbox = point.get("segm", {}).get("AP"), point.get("bbox", {}).get("AP")
+                cells.append(f"{_fmt(segm, '.1f')} / {_fmt(bbox, '.1f')}"
+                             + (" (no detections)" if point.get("no_predictions") else ""))
+            lines.append(f"| {it} | " + " | ".join(cells) + " |")
+    lines += _profile_lines(models)
+    lines += ["", f"Figure: `{RESULT_FILES['figure']}`; raw numbers: `{RESULT_FILES['json']}`.", ""]
+    return "\n".join(lines)
+
+
+PROFILE_PARTS = ("backbone", "proposal_generator", "roi_heads", "forward_other", "forward", "backward")
+
+
+def _profile_lines(models: Dict[str, Dict]) -> List[str]:
+    """With --profile: seconds per part of one training iteration and one inference call."""
+    profiled = {n: r["profile"] for n, r in models.items() if _ok(r) and r.get("profile")}
+    if not profiled:
+        return []
+    lines = ["", "## Profile (`--profile`: one training iteration, one inference call; seconds, torch.profiler)", "",
+             "| part | " + " | ".join(f"`{n}` train | `{n}` infer" for n in profiled) + " |",
+             "|---|" + "---:|---:|" * len(profiled)]
+    for part in PROFILE_PARTS:
+        cells = [f"{_fmt(p.get('train', {}).get(part))} | {_fmt(p.get('inference', {}).get(part))}"
+                 for p in profiled.values()]
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    lines += ["", "`forward_other`: the forward outside backbone, RPN and ROI heads (preprocessing; at inference "
+              "post-processing and mask pasting). Top operators: `runs/<model>/profile.txt`."]
+    return lines
+
+
+def _memory_phrase(models: Dict[str, Dict]) -> str:
+    methods = {r["memory"]["method"] for r in models.values() if _ok(r)}
+    if methods == {"rss_vmhwm"}:
+        return "peak resident set size of the model's own process (VmHWM), the larger of training and inference"
+    if methods == {"torch.cuda.max_memory_allocated"}:
+        return "peak CUDA memory allocated by PyTorch, the larger of training and inference"
+    return "peak memory (" + ", ".join(sorted(methods)) + ")"
+
+
+# ------------------------------------------------------------------------------------ figure
+def figure(report: Dict, path: str) -> None:
+    """2 x 2: segm AP curves, bbox AP curves, train / inference time bars, peak memory bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    meta, models = report["benchmark"], report["models"]
+    ok = {n: r for n, r in models.items() if _ok(r)}
+    colors = {n: f"C{i}" for i, n in enumerate(models)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, task in zip(axes[0], ("segm", "bbox")):
+        for name, result in ok.items():
+            curve = [p for p in result["eval"]["curve"] if p.get(task, {}).get("AP") is not None]
+            ax.plot([p["iter"] for p in curve], [p[task]["AP"] for p in curve], "o-", color=colors[name],
+                    label=result.get("label", name))
+        ax.set_title(f"{task} AP on {meta['val_dataset']}")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel("COCO AP")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    names = list(ok)
+    ax = axes[1][0]
+    width = 0.8 / max(len(names), 1)
+    groups = [("train s/iter", train_s_per_iter), ("inference s/image", inference_s_per_image)]
+    for i, name in enumerate(names):
+        values = [fn(ok[name]) or 0.0 for _, fn in groups]
+        bars = ax.bar([g + i * width for g in range(len(groups))], values, width, color=colors[name],
+                      label=ok[name].get("label", name))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks([g + width * (len(names) - 1) / 2 for g in range(len(groups))], [g for g, _ in groups])
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"time ({meta['device']}, {meta['threads']} threads)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    bars = ax.bar(range(len(names)), [peak_memory_mb(ok[n]) or 0.0 for n in names], color=[colors[n] for n in names])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(names)), [ok[n].get("label", n) for n in names], fontsize=8)
+    ax.set_ylabel("MB")
+    ax.set_title("peak memory")
+    fig.suptitle(f"MNC vs Mask R-CNN: {meta['dataset']} ({meta['size']}), {meta['iters']} iterations, "
+                 f"{meta['backbone']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ all outputs
+def write_outputs(out_dir: str, meta: Dict, models: Dict[str, Dict]) -> Dict[str, str]:
+    """Write benchmark.json, benchmark.md and benchmark.png into ``out_dir``; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = build_report(meta, models)
+    paths = {kind: os.path.join(out_dir, name) for kind, name in RESULT_FILES.items()}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown(report))
+    figure(report, paths["figure"])
+    return paths
+
+
+def main(argv: List[str] = None) -> int:
+    """Rebuild the markdown table and the figure from a saved benchmark.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    with open(argv[0]) as f:
+        report = json.load(f)
+    paths = write_outputs(os.path.dirname(os.path.abspath(argv[0])), report["benchmark"], report["models"])
+    print("\n".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""MNC (three- and five-stage) against Detectron2's stock Mask R-CNN, side by side, in one run.
+
+    python -m benchmarks.run_benchmark                          # shapes, default CPU size (about 30 min)
+    python -m benchmarks.run_benchmark --size tiny              # a smoke run of about a minute
+    python -m benchmarks.run_benchmark --dataset hela --models mnc3,maskrcnn
+    python -m benchmarks.run_benchmark --size large --device cuda --out /tmp/bench
+    python benchmarks/run_benchmark.py ... SOLVER.BASE_LR 0.01  # trailing KEY VALUE pairs go to every model
+
+Every model is trained and evaluated with the same backbone, input size, data, schedule and seed
+(the MNC CPU config; Mask R-CNN's config inherits it and changes only the ROI heads), each in its
+own subprocess (``worker.py``) so that peak memory and thread pools are measured per model.
+Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` to ``--out`` (default
+``benchmarks/results/<dataset>`` for the default size, ``<dataset>_<size>`` for the others), plus
+each model's Detectron2 log, config and metrics under ``<out>/runs/<model>/``.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import report  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    configs: Dict[str, str]  # dataset -> config file (relative to the repository)
+    opts: tuple = ()
+
+
+MODELS = {
+    "mnc3": ModelSpec("MNC 3-stage", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                                      "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                      ("MODEL.MNC.NUM_STAGES", "3")),
+    "mnc5": ModelSpec("MNC 5-stage", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                                      "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                      ("MODEL.MNC.NUM_STAGES", "5")),
+    "maskrcnn": ModelSpec("Mask R-CNN", {"shapes": "configs/benchmark/maskrcnn_R18_GN_FPN_shapes_cpu.yaml",
+                                         "hela": "configs/benchmark/maskrcnn_R18_GN_FPN_hela_cpu.yaml"}),
+}
+
+# dataset -> size -> (train, val). The tiny shapes splits are the instant test's; HeLa is small already.
+DATASETS = {
+    "shapes": {"tiny": ("mnc_shapes_tiny_train", "mnc_shapes_tiny_val"),
+               "default": ("mnc_shapes_train", "mnc_shapes_val"),
+               "large": ("mnc_shapes_train", "mnc_shapes_val")},
+    "hela": {"tiny": ("hela_nuclei_train", "hela_nuclei_val"),
+             "default": ("hela_nuclei_train", "hela_nuclei_val"),
+             "large": ("hela_nuclei_train", "hela_nuclei_val")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeSpec:
+    iters: int  # training iterations per model
+    eval_period: int  # evaluate every this many iterations (and at the end)
+    train_warmup: int  # iterations left out of the time per iteration
+    val_images: Optional[int]  # evaluate on the first n val images (None: all)
+    latency_images: Optional[int]  # time inference on the first n val images (None: all)
+    latency_warmup: int  # untimed inference calls first
+    print_period: int  # a progress line every n iterations
+    opts: tuple = ()  # config changes for this size, applied to every model alike
+
+
+SIZES = {
+    # CI: a handful of iterations at 160 px on 4 val images (the instant test's reductions)
+    "tiny": SizeSpec(iters=3, eval_period=2, train_warmup=1, val_images=4, latency_images=4, latency_warmup=1,
+                     print_period=1, opts=(
+                         "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "256",
+                         "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256",
+                         "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "300", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+                         "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+                         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0")),
+    # 2 CPU cores, all three models in about 30 min: the CPU config's model, input and batch, a short schedule
+    "default": SizeSpec(iters=160, eval_period=40, train_warmup=10, val_images=None, latency_images=50,
+                        latency_warmup=3, print_period=10),
+    # one GPU: a longer schedule, twice the batch
+    "large": SizeSpec(iters=3000, eval_period=500, train_warmup=20, val_images=None, latency_images=None,
+                      latency_warmup=5, print_period=50,
+                      opts=("SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_WORKERS", "4")),
+}
+
+
+def schedule_opts(iters: int, eval_period: int) -> List[str]:
+    """The CPU config's schedule shape for ``iters`` iterations: LR drops at 75% and 92%, its 50
+    warm-up iterations (at most 1/6 of a short run), a checkpoint only at the end."""
+    steps = tuple(sorted({max(1, round(iters * 0.75)), max(1, round(iters * 0.92))} - {iters}))
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps),
+            "SOLVER.WARMUP_ITERS", str(min(50, max(1, iters // 6))),
+            "SOLVER.CHECKPOINT_PERIOD", str(iters + 1),
+            "TEST.EVAL_PERIOD", str(eval_period)]
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def git_description() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (commit or "unknown") + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
+    parser.add_argument("--models", default="mnc3,mnc5,maskrcnn",
+                        help=f"comma-separated, run in this order; known: {','.join(MODELS)}")
+    parser.add_argument("--size", choices=list(SIZES), default="default",
+                        help="tiny: CI smoke run; default: 2 CPU cores, ~30 min in all; large: GPU")
+    parser.add_argument("--iters", type=int, help="training iterations per model (default: per --size)")
+    parser.add_argument("--eval-period", type=int, help="evaluate every N iterations (default: per --size)")
+    parser.add_argument("--val-images", type=int, help="evaluate on the first N val images (default: per --size)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch.set_num_threads for every model (default: the CPUs this process may use)")
+    parser.add_argument("--seed", type=int, default=1, help="cfg.SEED of every model")
+    parser.add_argument("--out", help="output directory")
+    parser.add_argument("--profile", action="store_true",
+                        help="also torch.profiler one training iteration and one inference call per model "
+                             "(<out>/runs/<model>/profile.txt)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each model's model_final.pth")
+    parser.add_argument("--verbose", action="store_true", help="echo the models' full Detectron2 logs")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE config pairs applied to every model (after all of the above)")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        parser.error(f"unknown --models {unknown}; known: {list(MODELS)}")
+    if len(args.opts) % 2:
+        parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    size = SIZES[args.size]
+    args.iters = args.iters or size.iters
+    args.eval_period = size.eval_period if args.eval_period is None else args.eval_period
+    args.val_images = size.val_images if args.val_images is None else args.val_images
+    suffix = "" if args.size == "default" else f"_{args.size}"
+    args.out = os.path.abspath(args.out or os.path.join(REPO, "benchmarks", "results", args.dataset + suffix))
+    return args
+
+
+def model_spec(name: str, args, work_dir: str) -> Dict:
+    """The worker's input: config file + opts (model, data, size, schedule, user) + measurement settings."""
+    model, size = MODELS[name], SIZES[args.size]
+    train, val = DATASETS[args.dataset][args.size]
+    val_subset = None
+    if args.val_images:
+        val_subset = {"source": val, "num_images": args.val_images}
+        val = f"{val}_first{args.val_images}"  # registered by the worker
+    opts = [*model.opts,
+            "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
+            *size.opts, *schedule_opts(args.iters, args.eval_period),
+            "SEED", str(args.seed), "MODEL.DEVICE", args.device, "OUTPUT_DIR", work_dir,
+            *[str(o) for o in args.opts]]
+    return {
+        "name": name, "label": model.label, "config_file": os.path.join(REPO, model.configs[args.dataset]),
+        "opts": opts, "threads": args.threads, "work_dir": work_dir, "val_subset": val_subset,
+        "train_warmup": size.train_warmup, "latency_images": size.latency_images,
+        "latency_warmup": size.latency_warmup, "print_period": size.print_period, "profile": args.profile,
+        "keep_checkpoints": args.keep_checkpoints, "result_file": os.path.join(work_dir, "result.json"),
+    }
+
+
+def run_worker(spec: Dict, verbose: bool) -> Dict:
+    """Run worker.py on ``spec`` in a fresh process; echo its progress; return its result."""
+    os.makedirs(spec["work_dir"], exist_ok=True)
+    spec_file = os.path.join(spec["work_dir"], "spec.json")
+    with open(spec_file, "w") as f:
+        json.dump(spec, f, indent=1)
+    if os.path.exists(spec["result_file"]):
+        os.remove(spec["result_file"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(spec["threads"]),
+               MKL_NUM_THREADS=str(spec["threads"]),
+               PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    log_file = os.path.join(spec["work_dir"], "worker.log")
+    with open(log_file, "w", buffering=1) as log, subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", spec_file], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if verbose or line.startswith("[bench]"):
+                print(line, end="", flush=True)
+    if os.path.exists(spec["result_file"]):
+        with open(spec["result_file"]) as f:
+            return json.load(f)
+    with open(log_file) as f:
+        tail = f.read()[-2000:]
+    print(tail, file=sys.stderr)
+    return {"name": spec["name"], "label": spec["label"], "status": "failed",
+            "message": f"worker exited with code {proc.returncode} without a result; see {log_file}"}
+
+
+def check_same_settings(models: Dict[str, Dict]) -> bool:
+    """All models must share backbone, RPN, input, data, solver and seed (the worker digests those keys)."""
+    digests = {name: r["shared_settings_digest"] for name, r in models.items() if r.get("shared_settings_digest")}
+    if len(set(digests.values())) > 1:
+        print(f"[bench] WARNING: the models differ in shared settings (backbone/RPN/input/data/solver/seed): "
+              f"{digests}; compare runs/<model>/config.yaml", flush=True)
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device available", file=sys.stderr)
+            return 2
+    started = datetime.datetime.now().astimezone()
+    t0 = time.perf_counter()
+    print(f"[bench] {args.dataset}, size {args.size}: {', '.join(args.models)}; {args.iters} iterations each, "
+          f"eval every {args.eval_period}; {args.device}, {args.threads} threads -> {args.out}", flush=True)
+    models = {}
+    for i, name in enumerate(args.models):
+        work_dir = os.path.join(args.out, "runs", name)
+        t_model = time.perf_counter()
+        print(f"[bench] ({i + 1}/{len(args.models)}) {name}: starting (log: {work_dir}/worker.log)", flush=True)
+        models[name] = run_worker(model_spec(name, args, work_dir), args.verbose)
+        elapsed = time.perf_counter() - t_model
+        left = len(args.models) - i - 1
+        eta = f"; about {elapsed * left / 60:.0f} min left" if left else ""
+        print(f"[bench] ({i + 1}/{len(args.models)}) {name}: {models[name]['status']} in {elapsed / 60:.1f} min{eta}",
+              flush=True)
+
+    first = next((r for r in models.values() if r.get("status") == "ok"), {})
+    settings = first.get("settings", {})
+    meta = {
+        "dataset": args.dataset, "size": args.size, "models": args.models, "device": args.device,
+        "threads": args.threads, "seed": args.seed, "iters": args.iters, "eval_period": args.eval_period,
+        "ims_per_batch": settings.get("ims_per_batch"), "backbone": settings.get("backbone", "?"),
+        "train_dataset": settings.get("train_dataset"), "val_dataset": settings.get("val_dataset"),
+        "num_val_images": settings.get("num_val_images"), "extra_opts": args.opts,
+        "same_shared_settings": check_same_settings(models),
+        "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
+        "started": started.isoformat(timespec="seconds"), "wall_s": None, "git": git_description(),
+        "host": {"platform": platform.platform(), "python": platform.python_version(),
+                 "cpu_count": os.cpu_count(), "device_name": settings.get("device_name", args.device),
+                 "torch": settings.get("torch"), "detectron2": settings.get("detectron2")},
+    }
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    paths = report.write_outputs(args.out, meta, models)
+    print(f"[bench] done in {meta['wall_s'] / 60:.1f} min", flush=True)
+    print(open(paths["markdown"]).read(), flush=True)
+    print("[bench] wrote " + ", ".join(paths.values()), flush=True)
+    failed = [name for name, r in models.items() if r.get("status") == "failed"]
+    if failed:
+        print(f"[bench] WARNING: {', '.join(failed)} failed (see the table and runs/<model>/worker.log)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""benchmarks/: the MNC vs Mask R-CNN benchmark. Fast checks of its configs, schedule and report
+code, and one end-to-end run at ``--size tiny`` (all three models, a few iterations, 4 val images)
+whose three outputs are checked for form (the numbers of such a run mean nothing)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mnc_d2
+from detectron2.config import get_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `benchmarks` is a top-level folder of the repository, not part of the mnc_d2 package
+    sys.path.insert(0, REPO)
+
+from benchmarks import report, run_benchmark, worker  # noqa: E402
+
+MODEL_NAMES = ("mnc3", "mnc5", "maskrcnn")
+
+
+def _cfg(name, dataset="shapes", size="default"):
+    """The config a worker builds for ``name`` (without default_setup)."""
+    args = run_benchmark.parse_args(["--dataset", dataset, "--size", size])
+    spec = run_benchmark.model_spec(name, args, "/tmp/unused")
+    cfg = get_cfg()
+    mnc_d2.add_mnc_config(cfg)
+    cfg.merge_from_file(spec["config_file"])
+    cfg.merge_from_list(spec["opts"])
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("dataset", ["shapes", "hela"])
+@pytest.mark.parametrize("size", ["tiny", "default"])
+def test_models_share_everything_but_the_roi_heads(dataset, size):
+    digests = {name: worker.shared_settings_digest(_cfg(name, dataset, size)) for name in MODEL_NAMES}
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_model_configs_are_what_they_claim():
+    mnc3, mnc5, maskrcnn = (_cfg(name) for name in MODEL_NAMES)
+    assert (mnc3.MODEL.META_ARCHITECTURE, mnc3.MODEL.MNC.NUM_STAGES) == ("MNC", 3)
+    assert (mnc5.MODEL.META_ARCHITECTURE, mnc5.MODEL.MNC.NUM_STAGES) == ("MNC", 5)
+    assert maskrcnn.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    roi, box, mask = maskrcnn.MODEL.ROI_HEADS, maskrcnn.MODEL.ROI_BOX_HEAD, maskrcnn.MODEL.ROI_MASK_HEAD
+    # Detectron2's Base-RCNN-FPN ROI settings; only the head widths are narrowed, as in the MNC CPU config
+    assert (roi.NAME, roi.BATCH_SIZE_PER_IMAGE, roi.POSITIVE_FRACTION, roi.NMS_THRESH_TEST) == (
+        "StandardROIHeads", 512, 0.25, 0.5)
+    assert (box.NAME, box.NUM_FC, box.POOLER_RESOLUTION, box.FC_DIM) == ("FastRCNNConvFCHead", 2, 7,
+                                                                         mnc3.MODEL.ROI_BOX_HEAD.FC_DIM)
+    assert (mask.NAME, mask.NUM_CONV, mask.POOLER_RESOLUTION, mask.CLS_AGNOSTIC_MASK) == (
+        "MaskRCNNConvUpsampleHead", 4, 14, False)
+    assert mask.CONV_DIM == mnc3.MODEL.MNC.MASK_HEAD.CONV_DIM
+    hela = _cfg("maskrcnn", "hela")
+    assert hela.MODEL.ROI_HEADS.NUM_CLASSES == 1 and hela.DATASETS.TEST == ("hela_nuclei_val",)
+
+
+def test_schedule_opts():
+    opts = dict(zip(*[iter(run_benchmark.schedule_opts(120, 40))] * 2))
+    assert opts["SOLVER.MAX_ITER"] == "120" and opts["TEST.EVAL_PERIOD"] == "40"
+    assert opts["SOLVER.STEPS"] == "(90, 110)" and int(opts["SOLVER.CHECKPOINT_PERIOD"]) > 120
+    assert opts["SOLVER.WARMUP_ITERS"] == "20"
+    assert run_benchmark.schedule_opts(3, 2)[3] == "(2,)"  # steps stay below MAX_ITER
+
+
+def test_parse_args_defaults_and_errors(capsys):
+    args = run_benchmark.parse_args([])
+    assert args.models == list(MODEL_NAMES) and args.dataset == "shapes"
+    assert args.out.endswith(os.path.join("benchmarks", "results", "shapes"))
+    assert run_benchmark.parse_args(["--size", "tiny", "--dataset", "hela"]).out.endswith("hela_tiny")
+    with pytest.raises(SystemExit):
+        run_benchmark.parse_args(["--models", "mnc3,yolo"])
+
+
+# ---------------------------------------------------------------------------------------- worker helpers
+def test_learning_curve_counts_iterations_done():
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        # eval period 2, max_iter 4: EvalHook stores the periodic result at step index 1, the final at 4
+        for it, ap in ((1, float("nan")), (4, 5.0)):
+            storage.iter = it
+            storage.put_scalars(**{"segm/AP": ap, "bbox/AP": 2 * ap}, smoothing_hint=False)
+    curve = worker.learning_curve(storage, max_iter=4)
+    assert [p["iter"] for p in curve] == [2, 4]
+    assert curve[0]["segm"]["AP"] == 0.0 and curve[0]["no_predictions"]  # D2's NaN for "no predictions"
+    assert "no_predictions" not in curve[1]
+    assert curve[1]["segm"]["AP"] == 5.0 and curve[1]["bbox"]["AP"] == 10.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_peak_memory_resets():
+    import numpy as np
+
+    memory = worker.PeakMemory("cpu")
+    assert memory.resettable
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    peak_with_block = memory.peak_mb()
+    del block
+    memory.reset()
+    assert memory.peak_mb() < peak_with_block - 32
+
+
+# ---------------------------------------------------------------------------------------- report
+def _fake_result(name, s_iter, s_img, peak, ap, status="ok"):
+    if status != "ok":
+        return {"name": name, "label": name, "status": status, "message": "boom"}
+    point = {"segm": {"AP": ap, "AP50": ap + 10, "AP75": ap - 1}, "bbox": {"AP": ap + 1, "AP50": None, "AP75": 0.0}}
+    return {"name": name, "label": name, "status": "ok",
+            "train": {"s_per_iter": {"median": s_iter}, "cpu_s_per_iter": {"median": 2 * s_iter}},
+            "inference": {"s_per_image": {"median": s_img}},
+            "memory": {"method": "rss_vmhwm", "train_peak_mb": peak, "inference_peak_mb": peak / 2},
+            "eval": {"curve": [{"iter": 5, **point}, {"iter": 10, **point}], "final": point}}
+
+
+FAKE_META = {"dataset": "shapes", "size": "tiny", "command": "python -m benchmarks.run_benchmark", "threads": 2,
+             "started": "now", "backbone": "R18", "iters": 10, "ims_per_batch": 2, "train_dataset": "a",
+             "val_dataset": "b", "num_val_images": 4, "eval_period": 5, "seed": 1, "git": "abc", "device": "cpu",
+             "host": {"device_name": "cpu"}}
+
+
+def test_compare_ratios_and_targets():
+    models = {"mnc3": _fake_result("mnc3", 1.1, 0.5, 110, 20.0), "mnc5": _fake_result("mnc5", 2.0, 0.56, 100, 19.0),
+              "maskrcnn": _fake_result("maskrcnn", 1.0, 0.5, 100, 19.5)}
+    cmp_ = report.compare(models)
+    assert set(cmp_) == {"mnc3", "mnc5"}
+    assert cmp_["mnc3"]["train_time_ratio"] == 1.1 and cmp_["mnc3"]["segm_ap_diff"] == 0.5
+    assert cmp_["mnc3"]["all_pass"] is True
+    assert cmp_["mnc5"]["pass"] == {"inference_time_ratio": False, "train_time_ratio": False, "memory_ratio": True,
+                                    "segm_ap_diff": False}
+    assert report.compare({"mnc3": models["mnc3"]}) == {}  # no baseline, no ratios
+
+
+def test_write_outputs_with_a_skipped_model(tmp_path):
+    models = {"mnc3": _fake_result("mnc3", 1.1, 0.5, 110, float("nan")),
+              "mnc5": _fake_result("mnc5", 0, 0, 0, 0, status="skipped"),
+              "maskrcnn": _fake_result("maskrcnn", 1.0, 0.5, 100, 19.5)}
+    paths = report.write_outputs(str(tmp_path), FAKE_META, models)
+    data = json.loads(open(paths["json"]).read())  # strict JSON: the NaN became null
+    assert data["models"]["mnc3"]["eval"]["final"]["segm"]["AP"] is None
+    assert data["comparison"]["mnc3"]["pass"]["segm_ap_diff"] is None
+    text = open(paths["markdown"]).read()
+    assert "skipped: boom" in text and "n/a" in text
+    assert os.path.getsize(paths["figure"]) > 10_000
+
+
+# ---------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark_tiny")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_benchmark", "--size", "tiny", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    # exit status 1 = some model failed (e.g. five-stage training diverged); the outputs must exist anyway
+    assert proc.returncode in (0, 1) and (out / "benchmark.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_tiny_run_json(tiny_run):
+    out, _ = tiny_run
+    data = json.loads((out / "benchmark.json").read_text())
+    assert {"benchmark", "targets", "baseline", "models", "comparison"} <= set(data)
+    assert data["benchmark"]["size"] == "tiny" and data["benchmark"]["same_shared_settings"] is True
+    assert list(data["models"]) == list(MODEL_NAMES)
+    for name, result in data["models"].items():
+        if name == "mnc5" and result["status"] != "ok":  # reported, not hidden: not buildable, or diverged
+            assert result["status"] in ("skipped", "failed") and result["message"]
+            continue
+        assert result["status"] == "ok", result
+        assert result["train"]["s_per_iter"]["median"] > 0 and result["train"]["timed_iters"] >= 1
+        assert result["inference"]["s_per_image"]["median"] > 0 and result["inference"]["num_images"] == 4
+        assert result["memory"]["train_peak_mb"] > result["memory"]["baseline_mb"] > 0
+        assert [p["iter"] for p in result["eval"]["curve"]] == [2, 3]
+        for task in ("segm", "bbox"):
+            assert set(result["eval"]["final"][task]) == {"AP", "AP50", "AP75"}
+    assert "mnc3" in data["comparison"]
+    assert set(data["comparison"]["mnc3"]["pass"]) == set(report.TARGETS)
+
+
+def test_tiny_run_markdown(tiny_run):
+    out, stdout = tiny_run
+    text = (out / "benchmark.md").read_text()
+    for name in MODEL_NAMES:
+        assert sum(f"(`{name}`)" in line and line.startswith("|") for line in text.splitlines()) == 1, name
+    assert "## Targets" in text and "## Learning curve" in text
+    assert "[bench]" in stdout  # progress was printed
+
+
+def test_tiny_run_figure(tiny_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    out, _ = tiny_run
+    image = matplotlib.image.imread(str(out / "benchmark.png"))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300
+    assert image.std() > 0  # not blank
+    assert (out / "runs" / "mnc3" / "config.yaml").exists()
+    assert not list((out / "runs").glob("*/model_final.pth"))  # checkpoints removed unless --keep-checkpoints
