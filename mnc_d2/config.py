@@ -27,6 +27,11 @@ def add_mnc_config(cfg):
     # segment pathway sees RoI features multiplied by the stage-2 soft mask. Set False for an ablation
     # that drops the segment pathway (box pathway only).
     _C.MODEL.MNC.SEGMENT_PATHWAY = True
+    # Max-pool kernel applied to the (masked) RoI features before the stage-3 FCs: the reference pools
+    # its 14x14 RoI features 2x2 before fc6 / fc6_mask (the mask head keeps 14x14). 1 = no pooling.
+    _C.MODEL.MNC.PATHWAY_POOL = 2
+    # Stage-4/5 RoIs (refined boxes) with a side shorter than this many pixels are dropped in training.
+    _C.MODEL.MNC.REFINED_MIN_SIZE = 1.0
 
     # Stage 2: the class-agnostic mask head (MODEL.ROI_MASK_HEAD.NAME chooses it; "MNCMaskHead" is
     # the paper's FC head, "MaskRCNNConvUpsampleHead" with CLS_AGNOSTIC_MASK=True also works).
@@ -72,4 +77,10 @@ def add_mnc_config(cfg):
     _C.TEST.MAPR.IOU_THRESHOLDS = [0.5, 0.7]
     # AP interpolation: "voc07" (11-point; what the MNC/SDS code used), "voc" (continuous), "coco101".
     _C.TEST.MAPR.INTERPOLATION = "voc07"
+
+    # ---- Reliability (mnc_d2.data.mapper, mnc_d2.engine) ----
+    _C.MNC_RELIABILITY = CN()
+    # A training image that cannot be used (missing, corrupt, size disagreeing with its annotation):
+    # "skip" (log its path, count it, train on another image) or "raise". Evaluation always raises.
+    _C.MNC_RELIABILITY.BAD_TRAIN_IMAGE = "skip"
     return cfg

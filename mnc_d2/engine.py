@@ -1,13 +1,38 @@
-"""Training/evaluation entry points shared by ``train_net.py`` and the benchmarks."""
+"""Training/evaluation entry points shared by ``train_net.py`` and the benchmarks.
+
+``Trainer`` is D2's DefaultTrainer made reliable (see its docstring); ``setup_cfg`` turns config
+mistakes into a :class:`~mnc_d2.errors.ConfigError` that names the file and the key.
+"""
+import difflib
+import itertools
 import logging
 import os
+import re
+import weakref
 
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+import torch
+import yaml
 
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, default_setup
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import AtomicCheckpointer, atomic_open, atomic_write_json, trim_metrics_json
 from .config import add_mnc_config
+from .data.mapper import RobustDatasetMapper
+from .data.sampler import ResumableTrainingStream, RNGNeutralIterator
+from .data.validation import load_dataset_dicts
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, MNCError
+from .hooks import ReproducibleRNG
+from .launch import check_replicas_in_sync, ddp_device_kwargs
+from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
+
+__all__ = ["Trainer", "setup_cfg", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
+           "AtomicCOCOEvaluator"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +45,50 @@ def ensure_dataset_files(dataset_name: str) -> None:
         DatasetCatalog.get(dataset_name)
 
 
+class AtomicCOCOEvaluator(COCOEvaluator):
+    """D2's COCOEvaluator writing ``coco_instances_results.json`` and ``instances_predictions.pth``
+    atomically (D2 0.6 writes them in place: a kill leaves a truncated file), and logging how many
+    images each process evaluated (a check that the distributed gather saw the whole dataset)."""
+
+    def reset(self):
+        super().reset()
+        self._num_images = 0
+
+    def process(self, inputs, outputs):
+        super().process(inputs, outputs)
+        self._num_images += len(inputs)
+
+    def evaluate(self, img_ids=None):
+        counts = comm.all_gather(self._num_images) if self._distributed else [self._num_images]
+        if comm.is_main_process():
+            expected = len(self._coco_api.getImgIds()) if img_ids is None else len(img_ids)
+            message = (f"Evaluated {sum(counts)} images of {self._metadata.name} "
+                       f"(per process: {', '.join(map(str, counts))}; the dataset has {expected})")
+            (self._logger.info if sum(counts) == expected else self._logger.warning)(message)
+        # D2 writes the files in evaluate()/_eval_predictions() when _output_dir is set: hide it from
+        # D2 and write them here instead.
+        self._atomic_output_dir, self._output_dir = self._output_dir, None
+        try:
+            return super().evaluate(img_ids)
+        finally:
+            self._output_dir = self._atomic_output_dir
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        if self._atomic_output_dir:
+            os.makedirs(self._atomic_output_dir, exist_ok=True)
+            with atomic_open(os.path.join(self._atomic_output_dir, "instances_predictions.pth"), "wb") as f:
+                torch.save(predictions, f)
+            # COCO's result format, as D2 writes it: copies, with the dataset's own category ids
+            results = [dict(r) for r in itertools.chain(*[p["instances"] for p in predictions])]
+            to_dataset_id = {v: k for k, v in getattr(self._metadata, "thing_dataset_id_to_contiguous_id", {}).items()}
+            for r in results:
+                r["category_id"] = to_dataset_id.get(r["category_id"], r["category_id"])
+            file_path = os.path.join(self._atomic_output_dir, "coco_instances_results.json")
+            self._logger.info(f"Saving results to {file_path}")
+            atomic_write_json(file_path, results)
+        super()._eval_predictions(predictions, img_ids)
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     """COCO bbox+segm for "coco" datasets; MNC's mAP^r (plus COCO where a json exists) for "mapr"."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -27,8 +96,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
     if evaluator_type == "coco":
         # use_fast_impl=False: the fast COCOeval needs detectron2's C++ ops, absent in a CPU build
-        return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder,
-                             use_fast_impl=False)
+        return AtomicCOCOEvaluator(dataset_name, tasks=("bbox", "segm"), distributed=True, output_dir=output_folder,
+                                   use_fast_impl=False)
     if evaluator_type == "mapr":
         from .evaluation import MaskAPrEvaluator
 
@@ -39,20 +108,309 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     )
 
 
+def _find_stream(data_loader):
+    """The ResumableTrainingStream inside a loader built by Trainer.build_train_loader, or None."""
+    node = data_loader
+    for _ in range(4):  # AspectRatioGroupedDataset -> DataLoader -> stream
+        if isinstance(node, ResumableTrainingStream):
+            return node
+        node = getattr(node, "dataset", None)
+    return None
+
+
+def _training_seed(cfg) -> int:
+    """SEED, or (SEED < 0) one random seed shared by all processes."""
+    return int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
 class Trainer(DefaultTrainer):
-    """D2's DefaultTrainer with MNC's evaluators."""
+    """D2's DefaultTrainer with MNC's evaluators, made reliable:
+
+    * data: datasets are loaded and checked by :func:`~mnc_d2.data.validation.load_dataset_dicts`
+      and mapped by :class:`~mnc_d2.data.mapper.RobustDatasetMapper` (bad images skipped or
+      reported by name); the training order is a :class:`~mnc_d2.data.sampler.ResumableTrainingStream`;
+    * resumption: :class:`~mnc_d2.checkpoint.AtomicCheckpointer` writes checkpoints atomically; a
+      resumed run continues the data stream and (with :class:`~mnc_d2.hooks.ReproducibleRNG`)
+      the random numbers of the interrupted one, so on CPU it ends with bit-identical weights;
+    * NaN/Inf: :mod:`mnc_d2.train_loop` stops before a non-finite update is applied;
+    * multi-process: DDP also on CPU (Gloo; D2 0.6 passes GPU device ids); after training every
+      process checks that all replicas hold identical weights.
+    """
+
+    def __init__(self, cfg):
+        # D2 0.6's DefaultTrainer.__init__, with the trainer, DDP and checkpointer classes replaced
+        # (its __init__ hard-codes them and builds the hooks from them).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_kwargs(model))
+        trainer_class = GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer
+        self._trainer = trainer_class(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self._rng_hook = ReproducibleRNG(_training_seed(cfg))
+        self.register_hooks([self._rng_hook] + self.build_hooks())
+        self._position_train_stream()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """D2's training loader over checked dataset dicts, a RobustDatasetMapper and a resumable stream."""
+        if cfg.MODEL.LOAD_PROPOSALS:
+            raise ConfigError("MODEL.LOAD_PROPOSALS is not supported: MNC computes its proposals with its RPN.")
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            raise ConfigError(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported by "
+                              "mnc_d2's resumable training stream; use 'TrainingSampler'.")
+        world_size = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world_size != 0:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} must be divisible by the number "
+                              f"of processes ({world_size}).")
+        dicts = load_dataset_dicts(cfg.DATASETS.TRAIN, is_train=True,
+                                   filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                                   num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                   bad_image=cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE, require_masks=cfg.MODEL.MASK_ON)
+        stream = ResumableTrainingStream(dicts, RobustDatasetMapper(cfg, is_train=True), seed=_training_seed(cfg))
+        return build_detection_train_loader(stream, mapper=None, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                                            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """D2's test loader over checked dataset dicts and a RobustDatasetMapper (bad images raise)."""
+        dicts = load_dataset_dicts([dataset_name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        return build_detection_test_loader(dicts, mapper=RobustDatasetMapper(cfg, is_train=False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    def _position_train_stream(self) -> None:
+        """Point the training stream at this run's seed and at the first image of ``start_iter``."""
+        stream = _find_stream(self.data_loader)
+        if stream is None:  # a subclass built another loader
+            return
+        position = (self._rng_hook.seed, self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH)
+        iterator = self._trainer._data_loader_iter
+        if (stream.seed, stream.start_position) != position:
+            stream.seed, stream.start_position = position
+            iterator = iter(self.data_loader)  # the old one was made for the old position (and not read yet)
+        if not isinstance(iterator, RNGNeutralIterator):
+            iterator = RNGNeutralIterator(iterator)
+        self._trainer._data_loader_iter = iterator
+
+    def state_dict(self):
+        # D2 0.6's DefaultTrainer saves only the iteration and the hooks: not the optimizer, so a
+        # resumed run restarts SGD momentum from zero. Later D2 versions add this same "_trainer" entry.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (written by D2 0.6's DefaultTrainer): "
+                           "the optimizer (SGD momentum) restarts from zero.")
+
+    def resume_or_load(self, resume=True):
+        """D2's resume_or_load (see there), plus: the data stream continues where the checkpoint was
+        taken, ``metrics.json`` loses the lines of the iterations being repeated, and a bad
+        ``MODEL.WEIGHTS`` raises an error naming the key."""
+        resuming = resume and self.checkpointer.has_checkpoint()
+        try:
+            self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        except CheckpointError as e:
+            if resuming:
+                raise
+            raise type(e)(f"MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r}: {e}") from e
+        if resuming:
+            self.start_iter = self.iter + 1  # the checkpoint stores the iteration that just finished
+            logger.info(f"Resuming at iteration {self.start_iter} from {self.checkpointer.get_checkpoint_file()}")
+            if comm.is_main_process():
+                trim_metrics_json(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+        self._position_train_stream()
+
+    def train(self):
+        """D2's DefaultTrainer.train, plus the replica check in multi-process runs."""
+        self._run_loop(self.start_iter, self.max_iter)
+        if comm.get_world_size() > 1 and self.iter >= self.max_iter:
+            check_replicas_in_sync(self.model)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
+
+    def _run_loop(self, start_iter, max_iter):
+        # D2 0.6's TrainerBase.train, except that an MNCError (bad data, NaN loss) is logged as its
+        # message: it names the problem, a traceback would only bury it.
+        train_logger = logging.getLogger("detectron2.engine.train_loop")
+        train_logger.info(f"Starting training from iteration {start_iter}")
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        with EventStorage(start_iter) as self.storage:
+            try:
+                self.before_train()
+                for self.iter in range(start_iter, max_iter):
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                self.iter += 1
+            except MNCError as e:
+                train_logger.error(f"Training stopped at iteration {self.iter}: {e}")
+                raise
+            except Exception:
+                train_logger.exception("Exception during training:")
+                raise
+            finally:
+                self.after_train()
+
+
+def load_weights_for_eval(cfg, model, resume: bool = False):
+    """Load the weights to evaluate: OUTPUT_DIR's last checkpoint with ``resume``, else ``MODEL.WEIGHTS``.
+
+    D2 0.6 evaluates a randomly initialised model when ``MODEL.WEIGHTS`` is empty; here that, and a
+    missing or unreadable file, raise a :class:`CheckpointError` naming the key and the path.
+    """
+    checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if resume and checkpointer.has_checkpoint():
+        return checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+    if not cfg.MODEL.WEIGHTS:
+        raise CheckpointNotFoundError(
+            "--eval-only needs trained weights, but MODEL.WEIGHTS is empty"
+            + (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else "")
+            + ": pass MODEL.WEIGHTS path/to/model_final.pth (or --resume to use OUTPUT_DIR/last_checkpoint)."
+        )
+    try:
+        return checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    except CheckpointError as e:
+        raise type(e)(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _config_chain(config_file: str):
+    """(path, parsed yaml) of ``config_file`` and its ``_BASE_`` files, child first."""
+    chain, path = [], config_file
+    while path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            break
+        chain.append((path, data))
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if not isinstance(base, str):
+            break
+        base = os.path.expanduser(base)
+        path = base if os.path.isabs(base) or base.startswith(("/", "http")) else os.path.join(os.path.dirname(path), base)
+    return chain
+
+
+def _file_defining(config_file: str, dotted_key: str) -> str:
+    """The file of ``config_file``'s _BASE_ chain whose yaml sets ``dotted_key`` (child wins)."""
+    for path, data in _config_chain(config_file):
+        node = data
+        for part in dotted_key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            return path
+    return config_file
+
+
+def _all_keys(cfg, prefix=""):
+    for key, value in cfg.items():
+        full = prefix + key
+        if isinstance(value, CfgNode):
+            yield from _all_keys(value, full + ".")
+        else:
+            yield full
+
+
+def _explain_merge_error(error: Exception, cfg):
+    """(key or None, readable reason) of a yacs/fvcore merge error."""
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    unknown = re.match(r"Non-existent (?:config )?key: (\S+)", message)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
+        return key, f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else "")
+    mismatch = re.match(r"Type mismatch \((.+) vs\. (.+)\) with values \((.*) vs\. (.*)\) for config key: (\S+)",
+                        message, re.S)
+    if mismatch:
+        expected, got, default, value, key = mismatch.groups()
+        return key, f"config key {key} expects {expected} (default {default}), got {got} {value}"
+    key = re.search(r"config key:? (\S+)", message)
+    return (key.group(1) if key else None), message
+
+
+def _merge_file(cfg, config_file: str) -> None:
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"Config file {config_file} does not exist.")
+    try:
+        cfg.merge_from_file(config_file)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {config_file} (or one of its _BASE_ files) is not valid YAML: {e}") from e
+    except FileNotFoundError as e:  # a _BASE_ file
+        raise ConfigError(f"Config file {config_file}: a _BASE_ file does not exist: {e}") from e
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        key, reason = _explain_merge_error(e, cfg)
+        where = _file_defining(config_file, key) if key else config_file
+        via = f" (loaded from {config_file})" if where != config_file else ""
+        raise ConfigError(f"Config file {where}{via}: {reason}") from e
+
+
+def _merge_opts(cfg, opts) -> None:
+    if not opts:
+        return
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise ConfigError(f"Command-line flags {flags} come after the KEY VALUE config options; put them before.")
+    if len(opts) % 2:
+        raise ConfigError(f"Command-line config options must come in KEY VALUE pairs; got an odd list: {opts}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            _, reason = _explain_merge_error(e, cfg)
+            raise ConfigError(f"Command-line option {key} {value}: {reason}") from e
+
+
+def _check_values(cfg) -> None:
+    if cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE not in ("skip", "raise"):
+        raise ConfigError(f"MNC_RELIABILITY.BAD_TRAIN_IMAGE must be 'skip' or 'raise', got "
+                          f"{cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE!r}")
+
 
 def setup_cfg(args):
-    """get_cfg -> add_mnc_config -> merge file -> merge opts -> freeze -> default_setup."""
+    """get_cfg -> add_mnc_config -> merge file -> merge opts -> freeze -> default_setup.
+
+    Raises:
+        ConfigError: naming the config file (the one of the _BASE_ chain that sets the key) or the
+            command-line option, and the key, for a missing/invalid file, an unknown key or a value
+            of the wrong type.
+    """
     cfg = get_cfg()
     add_mnc_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    if args.config_file:
+        _merge_file(cfg, args.config_file)
+    _merge_opts(cfg, args.opts)
+    _check_values(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mnc_d2", abbrev_name="mnc")
     return cfg

@@ -1,0 +1,253 @@
+"""Load and check the dataset dicts of a training or test set before any image is read.
+
+D2 0.6's ``get_detection_dataset_dicts`` lets a malformed COCO json fail deep in pycocotools
+(``KeyError: 'images'``), reports an empty dataset with an ``AssertionError`` and never looks at
+the records. :func:`load_dataset_dicts` does the same job (load, filter images without annotations,
+class histogram) and raises :class:`DatasetError` naming the dataset, the file and the key:
+
+* the loader fails: the COCO json (``metadata.json_file``) is diagnosed by
+  :func:`diagnose_coco_json`, which names the first missing key or wrong type;
+* a dataset is empty, or nothing is left after ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``;
+* a record lacks ``file_name`` / has a bad ``height`` / ``width`` / ``annotations``, an
+  annotation lacks ``bbox`` / ``bbox_mode`` / ``category_id``, or a category id is outside
+  ``[0, NUM_CLASSES)``;
+* image files are missing: training drops them with one warning listing them
+  (``MNC_RELIABILITY.BAD_TRAIN_IMAGE: "skip"``) or raises; evaluation raises.
+
+Geometric problems of single annotations (zero area, outside the image, degenerate polygons) are
+not errors: :class:`~mnc_d2.data.mapper.RobustDatasetMapper` drops them per image.
+"""
+import itertools
+import json
+import logging
+import numbers
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.build import (
+    check_metadata_consistency,
+    filter_images_with_only_crowd_annotations,
+    print_instances_class_histogram,
+)
+
+from ..errors import DatasetError, MNCError
+
+__all__ = ["load_dataset_dicts", "load_dataset", "diagnose_coco_json", "validate_dataset_dicts", "drop_missing_images"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 10  # file names listed in one message
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def diagnose_coco_json(json_file: str) -> Optional[str]:
+    """The first structural problem of a COCO instances json, as ``"<where>: <problem>"``, or None.
+
+    Checks what D2's ``load_coco_json`` and pycocotools need: an object with lists ``images``
+    (``id``, ``file_name``, ``height``, ``width``) and ``categories`` (``id``, ``name``), and
+    optionally ``annotations`` (``id``, ``image_id``, ``category_id`` among the categories'
+    ids, ``bbox`` as 4 numbers, ``segmentation`` as polygons or RLE).
+    """
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return "the file does not exist"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e})"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    if not isinstance(data, dict):
+        return f"the top level must be an object with 'images', 'annotations' and 'categories', got {type(data).__name__}"
+    for key in ("images", "categories"):
+        if key not in data:
+            return f"missing top-level key {key!r}"
+    for key in ("images", "annotations", "categories"):
+        if key in data and not isinstance(data[key], list):
+            return f"top-level key {key!r} must be a list, got {type(data[key]).__name__}"
+
+    image_fields = {"id": lambda v: _is_int(v) or isinstance(v, str), "file_name": lambda v: isinstance(v, str),
+                    "height": lambda v: _is_int(v) and v > 0, "width": lambda v: _is_int(v) and v > 0}
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            return f"images[{i}] must be an object, got {_describe(image)}"
+        for key, ok in image_fields.items():
+            if key not in image:
+                return f"images[{i}] (file_name {image.get('file_name')!r}): missing key {key!r}"
+            if not ok(image[key]):
+                return f"images[{i}] (file_name {image.get('file_name')!r}): key {key!r} has a bad value {_describe(image[key])}"
+
+    category_ids = set()
+    for i, category in enumerate(data["categories"]):
+        if not isinstance(category, dict):
+            return f"categories[{i}] must be an object, got {_describe(category)}"
+        for key in ("id", "name"):
+            if key not in category:
+                return f"categories[{i}]: missing key {key!r}"
+        if not _is_int(category["id"]):
+            return f"categories[{i}]: key 'id' must be an integer, got {_describe(category['id'])}"
+        category_ids.add(category["id"])
+
+    for i, annotation in enumerate(data.get("annotations", [])):
+        where = f"annotations[{i}]"
+        if not isinstance(annotation, dict):
+            return f"{where} must be an object, got {_describe(annotation)}"
+        where += f" (id {annotation.get('id')!r}, image_id {annotation.get('image_id')!r})"
+        for key in ("id", "image_id", "category_id", "bbox"):
+            if key not in annotation:
+                return f"{where}: missing key {key!r}"
+        if annotation["category_id"] not in category_ids:
+            return f"{where}: category_id {annotation['category_id']!r} is not an id in 'categories' {sorted(category_ids)}"
+        bbox = annotation["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            return f"{where}: key 'bbox' must be a list of 4 numbers [x, y, w, h], got {_describe(bbox)}"
+        segmentation = annotation.get("segmentation")
+        if segmentation is not None and not isinstance(segmentation, (list, dict)):
+            return f"{where}: key 'segmentation' must be a list of polygons or an RLE object, got {_describe(segmentation)}"
+    return None
+
+
+def load_dataset(name: str) -> list:
+    """``DatasetCatalog.get(name)``, raising :class:`DatasetError` that names the dataset (and its
+    json file and the bad key, for COCO-json datasets) instead of the loader's traceback."""
+    if name not in DatasetCatalog.list():
+        raise DatasetError(
+            f"Dataset {name!r} is not registered (check DATASETS.TRAIN / DATASETS.TEST). "
+            f"Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+        )
+    json_file = MetadataCatalog.get(name).get("json_file")
+    try:
+        dicts = DatasetCatalog.get(name)
+    except MNCError:
+        raise
+    except Exception as e:
+        if json_file:
+            problem = diagnose_coco_json(json_file) or f"{type(e).__name__}: {e}"
+            raise DatasetError(f"Dataset {name!r}: cannot load COCO json {json_file}: {problem}") from e
+        raise DatasetError(f"Dataset {name!r}: its loader failed: {type(e).__name__}: {e}") from e
+    if not isinstance(dicts, list):
+        raise DatasetError(f"Dataset {name!r}: its loader returned a {type(dicts).__name__}, not a list of dicts")
+    if not dicts:
+        problem = diagnose_coco_json(json_file) if json_file else None
+        if problem:  # e.g. no 'images' key: pycocotools then loads an empty dataset without complaint
+            raise DatasetError(f"Dataset {name!r}: cannot load COCO json {json_file}: {problem}")
+        source = f" (from {json_file})" if json_file else ""
+        raise DatasetError(f"Dataset {name!r} has no images{source}.")
+    return dicts
+
+
+def validate_dataset_dicts(name: str, dicts: Sequence[dict], num_classes: Optional[int] = None) -> None:
+    """Raise :class:`DatasetError` on the first record that D2's mapper could not use (see module doc)."""
+    json_file = MetadataCatalog.get(name).get("json_file")
+    source = f"Dataset {name!r}" + (f" ({json_file})" if json_file else "")
+    for i, record in enumerate(dicts):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{source}: record {i} is a {type(record).__name__}, not a dict")
+        file_name = record.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise DatasetError(f"{source}: record {i} has no 'file_name' (got {_describe(file_name)})")
+        for key in ("height", "width"):
+            if key in record and not (_is_int(record[key]) and record[key] > 0):
+                raise DatasetError(f"{source}: image {file_name}: {key!r} must be a positive integer, got {_describe(record[key])}")
+        annotations = record.get("annotations", [])
+        if not isinstance(annotations, list):
+            raise DatasetError(f"{source}: image {file_name}: 'annotations' must be a list, got {_describe(annotations)}")
+        for j, annotation in enumerate(annotations):
+            where = f"{source}: image {file_name}, annotation #{j}"
+            if not isinstance(annotation, dict):
+                raise DatasetError(f"{where} is a {type(annotation).__name__}, not a dict")
+            for key in ("bbox", "bbox_mode", "category_id"):
+                if key not in annotation:
+                    raise DatasetError(f"{where}: missing key {key!r}")
+            bbox = annotation["bbox"]
+            if not (isinstance(bbox, (list, tuple, np.ndarray)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+                raise DatasetError(f"{where}: key 'bbox' must be 4 numbers, got {_describe(bbox)}")
+            category_id = annotation["category_id"]
+            if not _is_int(category_id) or (num_classes is not None and not 0 <= category_id < num_classes):
+                limit = f" in [0, {num_classes}) (MODEL.ROI_HEADS.NUM_CLASSES)" if num_classes is not None else ""
+                raise DatasetError(f"{where}: category_id {category_id!r} is not a class id{limit}")
+
+
+def drop_missing_images(name: str, dicts: List[dict], *, raise_error: bool) -> List[dict]:
+    """Drop records whose local image file does not exist (one warning listing them), or raise."""
+    missing = [d["file_name"] for d in dicts if "://" not in d["file_name"] and not os.path.isfile(d["file_name"])]
+    if not missing:
+        return dicts
+    listed = ", ".join(missing[:_MAX_LISTED]) + (" ..." if len(missing) > _MAX_LISTED else "")
+    message = f"Dataset {name!r}: {len(missing)} of {len(dicts)} image files do not exist: {listed}"
+    if raise_error or len(missing) == len(dicts):
+        hint = " Is the dataset's image root right?" if len(missing) == len(dicts) else ""
+        raise DatasetError(message + hint)
+    logger.warning(message + ". They are skipped (MNC_RELIABILITY.BAD_TRAIN_IMAGE: skip).")
+    missing = set(missing)
+    return [d for d in dicts if d["file_name"] not in missing]
+
+
+def load_dataset_dicts(
+    names: Sequence[str],
+    *,
+    is_train: bool,
+    filter_empty: bool = True,
+    num_classes: Optional[int] = None,
+    bad_image: str = "skip",
+    require_masks: bool = False,
+) -> List[dict]:
+    """What D2's ``get_detection_dataset_dicts`` does for a training (``is_train``) or test set, with
+    the checks of this module.
+
+    Args:
+        names: dataset names (``DATASETS.TRAIN``, or one test set).
+        filter_empty: drop images without (non-crowd) annotations (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``);
+            training only.
+        num_classes: category ids must lie in [0, num_classes) (``MODEL.ROI_HEADS.NUM_CLASSES``).
+        bad_image: "skip" drops missing training images with a warning, "raise" raises. Test sets
+            always raise.
+        require_masks: (training, ``MODEL.MASK_ON``) raise if no annotation has a ``segmentation``.
+    """
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise DatasetError(f"No dataset given ({'DATASETS.TRAIN' if is_train else 'DATASETS.TEST'} is empty).")
+    per_dataset = []
+    for name in names:
+        dicts = load_dataset(name)
+        validate_dataset_dicts(name, dicts, num_classes)
+        per_dataset.append(drop_missing_images(name, dicts, raise_error=not is_train or bad_image == "raise"))
+    dicts = list(itertools.chain.from_iterable(per_dataset))
+
+    has_instances = "annotations" in dicts[0]
+    if is_train and require_masks and not any("segmentation" in a for d in dicts for a in d.get("annotations", [])):
+        raise DatasetError(f"MODEL.MASK_ON is True but no annotation of {list(names)} has a 'segmentation' (MNC "
+                           "trains on instance masks).")
+    if is_train and filter_empty and has_instances:
+        before = len(dicts)
+        dicts = filter_images_with_only_crowd_annotations(dicts)
+        if not dicts:
+            raise DatasetError(
+                f"None of the {before} training images of {list(names)} has a (non-crowd) annotation. "
+                "Set DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on images without annotations."
+            )
+    if has_instances:
+        try:
+            class_names = MetadataCatalog.get(names[0]).thing_classes
+        except AttributeError:  # no class names registered for this dataset
+            class_names = None
+        if class_names is not None:
+            check_metadata_consistency("thing_classes", names)
+            print_instances_class_histogram(dicts, class_names)
+    return dicts
