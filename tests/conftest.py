@@ -15,6 +15,17 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(REPO, "configs", "mnc_R18_GN_FPN_shapes_cpu.yaml")
 
+# train_net.py options that make the instant test smaller (64 px images, a thinner model); test files
+# add their own schedule (SOLVER.MAX_ITER, CHECKPOINT_PERIOD, ...).
+TINY_TRAIN_NET_OPTS = [
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.MNC.MASK_HEAD.FC_DIM", "64",
+    "MODEL.MNC.MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
+    "MODEL.MNC.MASK_HEAD.MASK_SIZE", "14", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "TEST.DETECTIONS_PER_IMAGE", "20", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0",
+]
+
 
 def small_cfg(*opts):
     """The CPU config, made smaller for unit tests, with extra ``opts`` merged in."""

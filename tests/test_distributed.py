@@ -15,17 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, TINY_TRAIN_NET_OPTS
 from mnc_d2.launch import ddp_device_kwargs, launch, state_dict_digest
 
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
-TINY = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.MNC.MASK_HEAD.FC_DIM", "64",
-        "MODEL.MNC.MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
-        "MODEL.MNC.MASK_HEAD.MASK_SIZE", "14", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-        "TEST.DETECTIONS_PER_IMAGE", "20", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
-        "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0"]
+TINY = TINY_TRAIN_NET_OPTS + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100"]
 VAL_IMAGES = 8  # mnc_shapes_tiny_val
 
 

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, small_cfg
+from conftest import REPO, TINY_TRAIN_NET_OPTS, small_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
@@ -30,13 +30,8 @@ from mnc_d2.errors import NonFiniteError
 
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
 # The instant test made smaller: 64 px images, a thinner model, 6 iterations, a checkpoint every 2.
-TINY = ["MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.MNC.MASK_HEAD.FC_DIM", "64",
-        "MODEL.MNC.MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "8",
-        "MODEL.MNC.MASK_HEAD.MASK_SIZE", "14", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-        "TEST.DETECTIONS_PER_IMAGE", "20", "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(4,)", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0"]
+TINY = TINY_TRAIN_NET_OPTS + ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "2",
+                              "SOLVER.STEPS", "(4,)"]
 
 # Runs train_net.py with torch.save slowed down at one iteration's checkpoint: it writes a few bytes,
 # touches a marker file and sleeps, so the test can kill the process in the middle of the save.
