@@ -195,9 +195,33 @@ def markdown(report: Dict) -> str:
                 cells.append(f"{_fmt(segm, '.1f')} / {_fmt(bbox, '.1f')}"
                              + (" (no detections)" if point.get("no_predictions") else ""))
             lines.append(f"| {it} | " + " | ".join(cells) + " |")
+    lines += _variant_lines(models, report["baseline"])
     lines += _profile_lines(models)
     lines += ["", f"Figure: `{RESULT_FILES['figure']}`; raw numbers: `{RESULT_FILES['json']}`.", ""]
     return "\n".join(lines)
+
+
+def _variant_lines(models: Dict[str, Dict], baseline: str) -> List[str]:
+    """The ablation table: every MNC model as trained (voting on, its config's test settings), then each
+    test-time variant evaluated on the same weights; inference time as a ratio to the baseline's."""
+    with_variants = {n: r for n, r in models.items() if _ok(r) and r.get("variants")}
+    if not with_variants:
+        return []
+    base_time = inference_s_per_image(models[baseline]) if _ok(models.get(baseline)) else None
+    lines = ["", "## Ablation: training-time choices (rows) × test-time variants (same weights)", "",
+             "| model | test-time | segm AP | AP50 | AP75 | bbox AP | infer s/img | ÷ MR |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, result in with_variants.items():
+        rows = [("as configured", result["eval"]["final"], inference_s_per_image(result))]
+        rows += [(f"{variant}: `{' '.join(v['opts'])}`", v["eval"], v["inference"]["s_per_image"]["median"])
+                 for variant, v in result["variants"].items()]
+        for label, evaluation, seconds in rows:
+            segm, bbox = evaluation.get("segm", {}), evaluation.get("bbox", {})
+            lines.append("| " + " | ".join([
+                f"{result.get('label', name)} (`{name}`)", label, _fmt(segm.get("AP"), ".1f"),
+                _fmt(segm.get("AP50"), ".1f"), _fmt(segm.get("AP75"), ".1f"), _fmt(bbox.get("AP"), ".1f"),
+                _fmt(seconds), _fmt(_ratio(seconds, base_time), ".2f")]) + " |")
+    return lines
 
 
 PROFILE_PARTS = ("backbone", "proposal_generator", "roi_heads", "forward_other", "forward", "backward")

@@ -4,6 +4,7 @@
     python -m benchmarks.run_benchmark                          # shapes, default CPU size (about 30 min)
     python -m benchmarks.run_benchmark --size tiny              # a smoke run of about a minute
     python -m benchmarks.run_benchmark --dataset hela --models mnc3,maskrcnn
+    python -m benchmarks.run_benchmark --models ablation --iters 300 --eval-period 100   # README ablation
     python -m benchmarks.run_benchmark --size large --device cuda --out /tmp/bench
     python benchmarks/run_benchmark.py ... SOLVER.BASE_LR 0.01  # trailing KEY VALUE pairs go to every model
 
@@ -13,6 +14,10 @@ own subprocess (``worker.py``) so that peak memory and thread pools are measured
 Writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png`` to ``--out`` (default
 ``benchmarks/results/<dataset>`` for the default size, ``<dataset>_<size>`` for the others), plus
 each model's Detectron2 log, config and metrics under ``<out>/runs/<model>/``.
+
+After training, every MNC model is also evaluated and timed on its final weights with test-time
+variants (``--variants``: mask voting off, 100 test proposals), which gives the ablation table:
+``--models ablation`` trains {3, 5 stages} x {box gradients off, on} plus Mask R-CNN.
 """
 import argparse
 import dataclasses
@@ -47,8 +52,28 @@ MODELS = {
     "mnc5": ModelSpec("MNC 5-stage", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
                                       "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
                       ("MODEL.MNC.NUM_STAGES", "5")),
+    "mnc3_bg": ModelSpec("MNC 3-stage, box gradients", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                                                         "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                         ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True")),
+    "mnc5_bg": ModelSpec("MNC 5-stage, box gradients", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                                                         "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                         ("MODEL.MNC.NUM_STAGES", "5", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True")),
     "maskrcnn": ModelSpec("Mask R-CNN", {"shapes": "configs/benchmark/maskrcnn_R18_GN_FPN_shapes_cpu.yaml",
                                          "hela": "configs/benchmark/maskrcnn_R18_GN_FPN_hela_cpu.yaml"}),
+}
+
+# --models shorthands. "ablation" is the {3, 5 stages} x {box gradients off, on} grid of the README (mask
+# voting on/off is a test-time variant of each), with Mask R-CNN for the ratios.
+MODEL_GROUPS = {
+    "default": ("mnc3", "mnc5", "maskrcnn"),
+    "ablation": ("mnc3", "mnc3_bg", "mnc5", "mnc5_bg", "maskrcnn"),
+}
+
+# Test-time variants: after training, each MNC model is evaluated and timed again on the same weights
+# with these config changes (no retraining). --variants chooses them.
+TEST_VARIANTS = {
+    "no_voting": ("MODEL.MNC.TEST.MASK_VOTING", "False"),  # paste each kept mask in its own box
+    "rpn100": ("MODEL.RPN.POST_NMS_TOPK_TEST", "100"),  # 100 test proposals instead of 300: speed vs AP
 }
 
 # dataset -> size -> (train, val). The tiny shapes splits are the instant test's; HeLa is small already.
@@ -125,8 +150,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
-    parser.add_argument("--models", default="mnc3,mnc5,maskrcnn",
-                        help=f"comma-separated, run in this order; known: {','.join(MODELS)}")
+    parser.add_argument("--models", default="default",
+                        help=f"comma-separated, run in this order; known: {','.join(MODELS)}; or a group: "
+                             + "; ".join(f"{k} = {','.join(v)}" for k, v in MODEL_GROUPS.items()))
+    parser.add_argument("--variants", default=",".join(TEST_VARIANTS),
+                        help="test-time variants evaluated on each trained MNC model's weights (comma-separated, "
+                             f"'none' for none); known: " + "; ".join(f"{k} = {' '.join(v)}"
+                                                                       for k, v in TEST_VARIANTS.items()))
     parser.add_argument("--size", choices=list(SIZES), default="default",
                         help="tiny: CI smoke run; default: 2 CPU cores, ~30 min in all; large: GPU")
     parser.add_argument("--iters", type=int, help="training iterations per model (default: per --size)")
@@ -145,7 +175,13 @@ def parse_args(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config pairs applied to every model (after all of the above)")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = [m for part in args.models.split(",") if part.strip()
+                   for m in MODEL_GROUPS.get(part.strip(), (part.strip(),))]
+    args.variants = [] if args.variants.strip() in ("", "none") else [
+        v.strip() for v in args.variants.split(",") if v.strip()]
+    bad_variants = [v for v in args.variants if v not in TEST_VARIANTS]
+    if bad_variants:
+        parser.error(f"unknown --variants {bad_variants}; known: {list(TEST_VARIANTS)}")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         parser.error(f"unknown --models {unknown}; known: {list(MODELS)}")
@@ -179,6 +215,7 @@ def model_spec(name: str, args, work_dir: str) -> Dict:
         "train_warmup": size.train_warmup, "latency_images": size.latency_images,
         "latency_warmup": size.latency_warmup, "print_period": size.print_period, "profile": args.profile,
         "keep_checkpoints": args.keep_checkpoints, "result_file": os.path.join(work_dir, "result.json"),
+        "test_variants": {v: list(TEST_VARIANTS[v]) for v in args.variants},
     }
 
 
@@ -249,7 +286,7 @@ def main(argv=None) -> int:
     settings = first.get("settings", {})
     meta = {
         "dataset": args.dataset, "size": args.size, "models": args.models, "device": args.device,
-        "threads": args.threads, "seed": args.seed, "iters": args.iters, "eval_period": args.eval_period,
+        "threads": args.threads, "seed": args.seed, "iters": args.iters, "variants": args.variants, "eval_period": args.eval_period,
         "ims_per_batch": settings.get("ims_per_batch"), "backbone": settings.get("backbone", "?"),
         "train_dataset": settings.get("train_dataset"), "val_dataset": settings.get("val_dataset"),
         "num_val_images": settings.get("num_val_images"), "extra_opts": args.opts,

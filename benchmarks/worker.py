@@ -279,6 +279,31 @@ def measure_inference(trainer_cls, cfg, model, dataset_name: str, num_images: Op
     }
 
 
+# ---------------------------------------------------------------------------------------- test-time variants
+def evaluate_variant(trainer_cls, spec: Dict, variant_opts, state_dict: Dict, memory: PeakMemory,
+                     device: str) -> Dict:
+    """Evaluate and time the trained weights again with test-time config changes (e.g. mask voting
+    off): the model is rebuilt from the changed config and gets the same state dict."""
+    from mnc_d2.engine import build_cfg
+
+    name = "_".join(variant_opts[::2]).replace(".", "_").lower()
+    out_dir = os.path.join(spec["work_dir"], "variants", name)
+    cfg = build_cfg(spec["config_file"], [*spec["opts"], *variant_opts, "OUTPUT_DIR", out_dir])
+    os.makedirs(out_dir, exist_ok=True)
+    model = trainer_cls.build_model(cfg)
+    model.load_state_dict(state_dict)
+    model.eval()
+    results = trainer_cls.test(cfg, model)  # {task: {AP, AP50, ...}} for one test dataset
+    if len(cfg.DATASETS.TEST) > 1:
+        results = results[cfg.DATASETS.TEST[0]]
+    evaluation = {task: {key: _clean(results[task][key]) for key in AP_KEYS if key in results[task]}
+                  for task in TASKS if task in results}
+    inference = measure_inference(trainer_cls, cfg, model, cfg.DATASETS.TEST[0], spec["latency_images"],
+                                  spec["latency_warmup"], memory, device)
+    inference.pop("peak_mb")
+    return {"opts": list(variant_opts), "eval": evaluation, "inference": inference}
+
+
 # ---------------------------------------------------------------------------------------- profile
 def _annotate(obj, attr: str, label: str) -> None:
     """Wrap ``obj.<attr>`` (a bound method) in a profiler range named ``label``."""
@@ -458,6 +483,16 @@ def run(spec: Dict) -> Dict:
     progress(f"{spec['label']}: {result['train']['s_per_iter']['median']:.3f} s/iter, "
              f"{inference['s_per_image']['median']:.3f} s/image, peak {result['memory']['train_peak_mb']:.0f} MB, "
              f"segm AP {result['eval']['final'].get('segm', {}).get('AP')}")
+    variants = spec.get("test_variants") or {}
+    if variants and cfg.MODEL.META_ARCHITECTURE == "MNC":
+        result["variants"] = {}
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, variant_opts in variants.items():
+            progress(f"{spec['label']}: test-time variant {name} ({' '.join(variant_opts)}) on the same weights")
+            result["variants"][name] = evaluate_variant(trainer_cls, spec, variant_opts, state, memory, device)
+            final = result["variants"][name]["eval"].get("segm", {})
+            progress(f"{spec['label']} [{name}]: {result['variants'][name]['inference']['s_per_image']['median']:.3f} "
+                     f"s/image, segm AP {final.get('AP')}")
     if spec.get("profile"):
         profile_file = os.path.join(spec["work_dir"], "profile.txt")
         result["profile"] = profile_model(trainer_cls, cfg, model, val_name, profile_file)

@@ -31,7 +31,7 @@ from .hooks import ReproducibleRNG
 from .launch import check_replicas_in_sync, ddp_device_kwargs
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
 
-__all__ = ["Trainer", "setup_cfg", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
+__all__ = ["Trainer", "build_cfg", "setup_cfg", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
            "AtomicCOCOEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -396,8 +396,9 @@ def _check_values(cfg) -> None:
                           f"{cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE!r}")
 
 
-def setup_cfg(args):
-    """get_cfg -> add_mnc_config -> merge file -> merge opts -> freeze -> default_setup.
+def build_cfg(config_file: str, opts=()):
+    """get_cfg -> add_mnc_config -> merge file -> merge opts -> check -> freeze; no side effects
+    (``setup_cfg`` adds D2's default_setup: logging, seeding, config dump).
 
     Raises:
         ConfigError: naming the config file (the one of the _BASE_ chain that sets the key) or the
@@ -406,11 +407,21 @@ def setup_cfg(args):
     """
     cfg = get_cfg()
     add_mnc_config(cfg)
-    if args.config_file:
-        _merge_file(cfg, args.config_file)
-    _merge_opts(cfg, args.opts)
+    if config_file:
+        _merge_file(cfg, config_file)
+    _merge_opts(cfg, list(opts or ()))
     _check_values(cfg)
     cfg.freeze()
+    return cfg
+
+
+def setup_cfg(args):
+    """:func:`build_cfg` from ``args.config_file`` and ``args.opts``, then D2's default_setup.
+
+    Raises:
+        ConfigError: see :func:`build_cfg`.
+    """
+    cfg = build_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mnc_d2", abbrev_name="mnc")
     return cfg

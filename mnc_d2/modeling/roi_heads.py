@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
@@ -25,7 +24,8 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .inference import select_candidates
-from .mask_ops import binary_mask_iou_with_targets, mask_loss, mask_pooled_features, mask_targets
+from .mask_ops import binary_mask_iou_with_targets, mask_loss, mask_pooled_features, mask_targets, max_pool_square
+from .poolers import ParallelROIPooler
 from .sampling import sample_mnc_rois
 
 logger = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ class MNCROIHeads(ROIHeads):
             roi_pooler = ROIWarper(output_size=resolution, scales=scales,
                                    sampling_ratio=mnc.BOX_GRADIENTS.SAMPLING_RATIO)
         else:
-            roi_pooler = ROIPooler(output_size=resolution, scales=scales,
-                                   sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-                                   pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
+            roi_pooler = ParallelROIPooler(output_size=resolution, scales=scales,
+                                           sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+                                           pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
         roi_shape = ShapeSpec(channels=in_channels, height=resolution, width=resolution)
         pool = mnc.PATHWAY_POOL
         if resolution % pool:  # e.g. a D2 config's 7x7 pooler: its box head then matches D2 checkpoints
@@ -264,7 +264,7 @@ class MNCROIHeads(ROIHeads):
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) -> (R, C, P/k, P/k) max-pooled input of a stage-3 pathway (k = PATHWAY_POOL)."""
-        return F.max_pool2d(x, self.pathway_pool) if self.pathway_pool > 1 else x
+        return max_pool_square(x, self.pathway_pool)
 
     def _stage_losses(self, features, rois: List[Instances], suffix_mask: str, suffix_cls: str):
         """Stage 2 + stage 3 losses on labelled RoIs; also returns the stage-3 predictions."""
