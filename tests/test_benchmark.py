@@ -72,6 +72,22 @@ def test_parse_args_defaults_and_errors(capsys):
     assert run_benchmark.parse_args(["--size", "tiny", "--dataset", "hela"]).out.endswith("hela_tiny")
     with pytest.raises(SystemExit):
         run_benchmark.parse_args(["--models", "mnc3,yolo"])
+    with pytest.raises(SystemExit):
+        run_benchmark.parse_args(["--variants", "no_voting,tta"])
+    assert args.variants == list(run_benchmark.TEST_VARIANTS)
+    assert run_benchmark.parse_args(["--variants", "none"]).variants == []
+    ablation = run_benchmark.parse_args(["--models", "ablation"]).models
+    assert ablation == ["mnc3", "mnc3_bg", "mnc5", "mnc5_bg", "maskrcnn"]
+    spec = run_benchmark.model_spec("mnc3", run_benchmark.parse_args(["--variants", "no_voting"]), "/tmp/unused")
+    assert spec["test_variants"] == {"no_voting": ["MODEL.MNC.TEST.MASK_VOTING", "False"]}
+
+
+def test_box_gradient_models():
+    for name, stages in (("mnc3_bg", 3), ("mnc5_bg", 5)):
+        cfg = _cfg(name)
+        assert cfg.MODEL.MNC.BOX_GRADIENTS.ENABLED and cfg.MODEL.MNC.NUM_STAGES == stages
+        assert worker.shared_settings_digest(cfg) == worker.shared_settings_digest(_cfg("maskrcnn"))
+    assert not _cfg("mnc3").MODEL.MNC.BOX_GRADIENTS.ENABLED
 
 
 # ---------------------------------------------------------------------------------------- worker helpers
@@ -174,6 +190,13 @@ def test_tiny_run_json(tiny_run):
         assert [p["iter"] for p in result["eval"]["curve"]] == [2, 3]
         for task in ("segm", "bbox"):
             assert set(result["eval"]["final"][task]) == {"AP", "AP50", "AP75"}
+        if name.startswith("mnc"):  # test-time variants, evaluated and timed on the same weights
+            assert set(result["variants"]) == set(run_benchmark.TEST_VARIANTS)
+            for variant in result["variants"].values():
+                assert set(variant["eval"]["segm"]) == {"AP", "AP50", "AP75"}
+                assert variant["inference"]["s_per_image"]["median"] > 0
+        else:
+            assert "variants" not in result
     assert "mnc3" in data["comparison"]
     assert set(data["comparison"]["mnc3"]["pass"]) == set(report.TARGETS)
 
@@ -181,9 +204,16 @@ def test_tiny_run_json(tiny_run):
 def test_tiny_run_markdown(tiny_run):
     out, stdout = tiny_run
     text = (out / "benchmark.md").read_text()
+    main_table = text.split("## Targets")[0]
     for name in MODEL_NAMES:
-        assert sum(f"(`{name}`)" in line and line.startswith("|") for line in text.splitlines()) == 1, name
+        assert sum(f"(`{name}`)" in line and line.startswith("|") for line in main_table.splitlines()) == 1, name
     assert "## Targets" in text and "## Learning curve" in text
+    # the ablation table: each MNC model as configured, then one row per test-time variant
+    ablation = text.split("## Ablation")[1]
+    for name in ("mnc3", "mnc5"):
+        rows = [line for line in ablation.splitlines() if f"(`{name}`)" in line]
+        assert len(rows) == 1 + len(run_benchmark.TEST_VARIANTS), rows
+    assert "MODEL.MNC.TEST.MASK_VOTING False" in ablation
     assert "[bench]" in stdout  # progress was printed
 
 

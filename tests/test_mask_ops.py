@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from detectron2.structures import BitMasks, PolygonMasks
@@ -53,3 +54,26 @@ def test_binary_mask_iou():
     targets[0, :, :] = 1  # whole RoI
     iou = binary_mask_iou_with_targets(probs, targets, 0.4)
     assert torch.allclose(iou, torch.tensor([0.5, 0.0]))
+
+
+@pytest.mark.parametrize("k,side", [(2, 14), (3, 9), (1, 7)])
+def test_max_pool_square_equals_max_pool2d(k, side):
+    from mnc_d2.modeling.mask_ops import max_pool_square
+
+    x = torch.randn(5, 3, side, side, dtype=torch.float64, requires_grad=True)
+    out = max_pool_square(x, k)
+    expected = torch.nn.functional.max_pool2d(x, k) if k > 1 else x
+    assert out.shape == (5, 3, side // k, side // k)
+    assert torch.equal(out, expected)
+    # the gradient reaches exactly the maximum of each window (no ties in random data)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
+    assert torch.equal(grad, expected_grad)
+
+
+def test_max_pool_square_rejects_indivisible_side():
+    from mnc_d2.modeling.mask_ops import max_pool_square
+
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        max_pool_square(torch.zeros(1, 1, 7, 7), 2)

@@ -4,7 +4,8 @@ torchvision's CPU ``roi_align`` kernel runs on one thread, whatever ``torch.get_
 and MNC pools every one of its 300 test RoIs at 14x14 (Mask R-CNN's mask head pools only the
 detections). The kernel releases the GIL, so pooling disjoint chunks of RoIs from Python threads
 gives the same output (bit for bit: every RoI is pooled by the same kernel) on all the cores torch
-may use. On CUDA, or with one thread, this is D2's ROIPooler unchanged.
+may use. Used at inference (no autograd); on CUDA, with one thread, or in training (unless
+``parallel_backward_graph``) this is D2's ROIPooler unchanged.
 
 Shape shorthand: R = RoIs over the batch, C = channels, P = output side.
 """
@@ -39,15 +40,20 @@ class ParallelROIPooler(ROIPooler):
     """:class:`detectron2.modeling.poolers.ROIPooler`, with the RoIs pooled by up to
     ``torch.get_num_threads()`` threads on CPU (``min_rois_per_thread`` RoIs at least per thread)."""
 
-    def __init__(self, *args, min_rois_per_thread: int = 16, **kwargs):
+    def __init__(self, *args, min_rois_per_thread: int = 16, parallel_backward_graph: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_rois_per_thread = min_rois_per_thread
+        # With autograd on (training) D2's path is kept by default: the backward is single-threaded
+        # either way, and measured on 2 cores the threaded forward did not pay off in a training step.
+        self.parallel_backward_graph = parallel_backward_graph
 
     def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
         """x: per level (N, C, H_l, W_l); box_lists: N Boxes -> (R, C, P, P), in box order."""
         threads = torch.get_num_threads()
         num_rois = sum(len(b) for b in box_lists)
-        if x[0].is_cuda or threads < 2 or num_rois < 2 * self.min_rois_per_thread or torch.jit.is_scripting():
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in x)
+        if (x[0].is_cuda or threads < 2 or num_rois < 2 * self.min_rois_per_thread or torch.jit.is_scripting()
+                or (needs_grad and not self.parallel_backward_graph)):
             return super().forward(x, box_lists)
         assert len(x) == len(self.level_poolers) and len(box_lists) == x[0].size(0)
 
