@@ -229,3 +229,24 @@ def test_tiny_run_figure(tiny_run):
     assert image.std() > 0  # not blank
     assert (out / "runs" / "mnc3" / "config.yaml").exists()
     assert not list((out / "runs").glob("*/model_final.pth"))  # checkpoints removed unless --keep-checkpoints
+
+
+# ---------------------------------------------------------------------------------------- inference profile
+@pytest.mark.parametrize("slow", [False, True], ids=["fast_paths", "slow_paths"])
+def test_profile_inference_cli(tmp_path, capsys, slow):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from benchmarks import profile_inference
+    from mnc_d2.engine import build_cfg
+
+    config = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
+    model = build_model(build_cfg(config))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    argv = ["--config-file", config, "--weights", str(tmp_path / "model.pth"), "--images", "2", "--warmup", "1"]
+    assert profile_inference.main(argv + (["--slow-paths"] if slow else [])) == 0
+    text = capsys.readouterr().out
+    for part in ("model([image])", "backbone", "rpn", "roi_heads.stage2.roi_pooler", "roi_heads.stage2.mask_head",
+                 "roi_heads.stage3", "postprocess"):
+        assert part in text, text
+    assert ("slow paths" in text) == slow
