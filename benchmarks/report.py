@@ -155,6 +155,10 @@ def markdown(report: Dict) -> str:
             _fmt(final_ap(result, "segm", "AP75"), ".1f"), _fmt(final_ap(result, "bbox"), ".1f"),
             "0.0" if is_base else _fmt(cmp_.get("segm_ap_diff"), "+.1f"),
         ]) + " |")
+    reused = [f"`{n}` (git {r.get('git', 'not recorded')})" for n, r in models.items() if r.get("reused")]
+    if reused:
+        lines += ["", "Reused with `--resume` from an earlier invocation with the same spec: " + ", ".join(reused)
+                  + ". Their times were measured in that invocation, on the same machine."]
     lines += ["", "÷ MR: ratio to Mask R-CNN measured in this run. Times are medians after warm-up (training: "
               "one `run_step` = data + forward + backward + update, evaluation excluded; inference: "
               "`model([image])` in eval mode, mask pasting included). Peak MB: "

@@ -58,6 +58,13 @@ MODELS = {
     "mnc5_bg": ModelSpec("MNC 5-stage, box gradients", {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
                                                          "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
                          ("MODEL.MNC.NUM_STAGES", "5", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True")),
+    # box gradients with a clip that binds: box-coordinate gradients are ~1e-5 (median) on this config,
+    # so the default clip (1.0) never acts; 1e-6 limits each to a sign-like step 10x below the median
+    "mnc3_bg_clip": ModelSpec("MNC 3-stage, box gradients clipped at 1e-6",
+                              {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                               "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                              ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True",
+                               "MODEL.MNC.BOX_GRADIENTS.CLIP", "1e-6")),
     "maskrcnn": ModelSpec("Mask R-CNN", {"shapes": "configs/benchmark/maskrcnn_R18_GN_FPN_shapes_cpu.yaml",
                                          "hela": "configs/benchmark/maskrcnn_R18_GN_FPN_hela_cpu.yaml"}),
 }
@@ -170,6 +177,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler one training iteration and one inference call per model "
                              "(<out>/runs/<model>/profile.txt)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the result of every model of --out that already finished ok with the same spec "
+                             "(config, options, measurement settings); run only the others (e.g. after a failure)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each model's model_final.pth")
     parser.add_argument("--verbose", action="store_true", help="echo the models' full Detectron2 logs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
@@ -248,6 +258,22 @@ def run_worker(spec: Dict, verbose: bool) -> Dict:
             "message": f"worker exited with code {proc.returncode} without a result; see {log_file}"}
 
 
+def reusable_result(spec: Dict) -> Optional[Dict]:
+    """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec."""
+    spec_file = os.path.join(spec["work_dir"], "spec.json")
+    try:
+        with open(spec_file) as f:
+            saved_spec = json.load(f)
+        with open(spec["result_file"]) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if result.get("status") != "ok" or saved_spec != json.loads(json.dumps(spec)):
+        return None
+    result["reused"] = True
+    return result
+
+
 def check_same_settings(models: Dict[str, Dict]) -> bool:
     """All models must share backbone, RPN, input, data, solver and seed (the worker digests those keys)."""
     digests = {name: r["shared_settings_digest"] for name, r in models.items() if r.get("shared_settings_digest")}
@@ -275,7 +301,18 @@ def main(argv=None) -> int:
         work_dir = os.path.join(args.out, "runs", name)
         t_model = time.perf_counter()
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: starting (log: {work_dir}/worker.log)", flush=True)
-        models[name] = run_worker(model_spec(name, args, work_dir), args.verbose)
+        spec = model_spec(name, args, work_dir)
+        reused = reusable_result(spec) if args.resume else None
+        if reused:
+            models[name] = reused
+            print(f"[bench] ({i + 1}/{len(args.models)}) {name}: reusing its result (--resume, same spec; "
+                  f"git {reused.get('git', 'not recorded')})", flush=True)
+            continue
+        models[name] = run_worker(spec, args.verbose)
+        models[name]["git"] = git_description()
+        if models[name].get("status") == "ok":  # the result file, as --resume will read it
+            with open(spec["result_file"], "w") as f:
+                json.dump(models[name], f, indent=1)
         elapsed = time.perf_counter() - t_model
         left = len(args.models) - i - 1
         eta = f"; about {elapsed * left / 60:.0f} min left" if left else ""

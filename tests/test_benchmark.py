@@ -250,3 +250,22 @@ def test_profile_inference_cli(tmp_path, capsys, slow):
                  "roi_heads.stage3", "postprocess"):
         assert part in text, text
     assert ("slow paths" in text) == slow
+
+
+def test_resume_reuses_only_finished_results_of_the_same_spec(tmp_path):
+    args = run_benchmark.parse_args(["--out", str(tmp_path)])
+    spec = run_benchmark.model_spec("mnc3", args, str(tmp_path / "runs" / "mnc3"))
+    os.makedirs(spec["work_dir"])
+    assert run_benchmark.reusable_result(spec) is None  # nothing saved
+    with open(os.path.join(spec["work_dir"], "spec.json"), "w") as f:
+        json.dump(spec, f)
+    ok = _fake_result("mnc3", 1.0, 0.2, 100, 20.0)
+    for result, expected in ((dict(ok, status="failed"), None), (ok, "ok")):
+        with open(spec["result_file"], "w") as f:
+            json.dump(result, f)
+        reused = run_benchmark.reusable_result(spec)
+        assert (reused and reused["status"]) == expected
+    assert reused["reused"] is True
+    other = run_benchmark.model_spec("mnc3", run_benchmark.parse_args(["--out", str(tmp_path), "--seed", "2"]),
+                                     spec["work_dir"])
+    assert run_benchmark.reusable_result(other) is None  # another seed: rerun

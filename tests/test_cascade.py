@@ -87,6 +87,28 @@ def test_five_stage_inference_merges_both_stages():
     assert len(out) == (raw.kept_rank >= 0).sum()
 
 
+def test_five_stage_inference_with_an_image_without_proposals():
+    """A collapsed RPN can leave an image with no proposal at all (seen in a benchmark run)."""
+    from detectron2.structures import Boxes, Instances
+
+    for voting in (True, False):
+        cfg = small_cfg("MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.TEST.MASK_VOTING", voting)
+        model = build_model(cfg)
+        model.eval()
+        empty = Instances(IMAGE_SIZE, proposal_boxes=Boxes(torch.zeros(0, 4)), objectness_logits=torch.zeros(0))
+        some = Instances(IMAGE_SIZE, proposal_boxes=Boxes(torch.tensor([[10.0, 10.0, 120.0, 150.0]])),
+                         objectness_logits=torch.zeros(1))
+        images = [{"image": b["image"]} for b in batch()]
+        model.proposal_generator.forward = lambda images, features, gt=None: ([empty], {})
+        with torch.no_grad():
+            out = model(images[:1])  # batch 1, as in evaluation: no RoI at all
+        assert len(out[0]["instances"]) == 0 and out[0]["instances"].pred_masks.shape[1:] == IMAGE_SIZE
+        model.proposal_generator.forward = lambda images, features, gt=None: ([empty, some], {})
+        with torch.no_grad():
+            out = model(images)
+        assert len(out[0]["instances"]) == 0 and len(out[1]["instances"]) > 0
+
+
 def test_segment_classifier_gates_stage3_gradient_into_mask_head():
     for mask_iou, expect_gradient in ((0.0, True), (1.01, False)):
         model, losses = train_losses("MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", True,

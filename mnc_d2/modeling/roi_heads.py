@@ -326,7 +326,7 @@ class MNCROIHeads(ROIHeads):
         """Five-stage mode: each RoI's box moved by the stage-3 deltas of its top foreground class."""
         predicted = self._predicted_boxes(deltas, boxes)  # (R, K*4) or (R, 4)
         num_rois = predicted.shape[0]
-        predicted = predicted.view(num_rois, -1, 4)
+        predicted = predicted.view(num_rois, predicted.shape[1] // 4, 4)  # (R, K or 1, 4); R may be 0
         top_class = probs[:, :-1].argmax(dim=1) if predicted.shape[1] > 1 else torch.zeros_like(probs[:, 0]).long()
         refined = predicted[torch.arange(num_rois, device=predicted.device), top_class]  # (R, 4)
         out = []
