@@ -51,8 +51,9 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.BOX_GRADIENTS.ENABLED = False
     # Sampling points per bin side of the RoI warp (must be > 0: adaptive sampling is not differentiable).
     _C.MODEL.MNC.BOX_GRADIENTS.SAMPLING_RATIO = 2
-    # Gradients reaching box coordinates are clipped elementwise to [-CLIP, CLIP] (0 = no clipping).
-    _C.MODEL.MNC.BOX_GRADIENTS.CLIP = 1.0
+    # Gradients reaching box coordinates are clipped elementwise to [-CLIP, CLIP] (0 = off); they are ~1e-5
+    # on the CPU config, where 1.0 never binds and training collapsed, and 1e-6 helped (README "Ablation").
+    _C.MODEL.MNC.BOX_GRADIENTS.CLIP = 1e-6
 
     # Segment-aware classifier (the original's second classifier trained on "segment labels").
     _C.MODEL.MNC.SEGMENT_CLASSIFIER = CN()

@@ -131,3 +131,29 @@ def test_segment_classifier_scores_detections_at_test_time():
     with torch.no_grad():
         out = model([{"image": batch()[0]["image"]}])[0]["instances"]
     assert len(out) > 0 and (out.pred_classes == 3).all() and (out.scores > 0.99).all()
+
+
+def test_box_gradient_model_infers_with_roialign_and_the_same_values():
+    """With box gradients on, inference (no autograd) pools with RoIAlign: the warp's values, cheaper."""
+    from detectron2.structures import Boxes
+
+    cfg = small_cfg("MODEL.MNC.BOX_GRADIENTS.ENABLED", True)
+    model = build_model(cfg)
+    model.eval()
+    heads = model.roi_heads
+    assert type(heads.roi_pooler).__name__ == "ROIWarper"
+    assert type(heads.inference_pooler).__name__ == "ParallelROIPooler"
+    images = model.preprocess_image([{"image": b["image"]} for b in batch()])
+    features = [model.backbone(images.tensor)[f] for f in heads.in_features]
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(80, 2, generator=g) * 150
+    boxes = [Boxes(torch.cat([xy, xy + 8 + torch.rand(80, 2, generator=g) * 90], dim=1))] * 2
+    with torch.no_grad():
+        warped, aligned = heads.roi_pooler(features, boxes), heads.inference_pooler(features, boxes)
+        assert torch.allclose(warped, aligned, atol=1e-4, rtol=1e-4)
+        used = []
+        heads.inference_pooler.forward = lambda *args: used.append(1) or aligned
+        heads._stage2(features, boxes)
+    assert used == [1]
+    heads._stage2(features, boxes)  # with autograd: the warp
+    assert used == [1]

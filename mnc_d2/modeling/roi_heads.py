@@ -88,6 +88,7 @@ class MNCROIHeads(ROIHeads):
         box_gradient_clip: float = 0.0,
         pathway_pool: int = 1,
         refined_min_size: float = 1.0,
+        inference_pooler: Optional[nn.Module] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -95,6 +96,7 @@ class MNCROIHeads(ROIHeads):
             raise ValueError(f"MODEL.MNC.NUM_STAGES must be 3 or 5, got {num_stages}")
         self.in_features = in_features
         self.roi_pooler = roi_pooler
+        self.inference_pooler = inference_pooler  # used instead of roi_pooler when autograd is off
         self.mask_head = mask_head
         self.box_head = box_head  # box pathway (same name as D2's box head: warm starts load into it)
         self.seg_head = seg_head  # segment pathway; None = ablation without it
@@ -135,6 +137,10 @@ class MNCROIHeads(ROIHeads):
 
             roi_pooler = ROIWarper(output_size=resolution, scales=scales,
                                    sampling_ratio=mnc.BOX_GRADIENTS.SAMPLING_RATIO)
+            # without autograd (inference) the warp's values come cheaper from RoIAlign (same sample points)
+            ret["inference_pooler"] = ParallelROIPooler(output_size=resolution, scales=scales,
+                                                        sampling_ratio=mnc.BOX_GRADIENTS.SAMPLING_RATIO,
+                                                        pooler_type="ROIAlignV2")
         else:
             roi_pooler = ParallelROIPooler(output_size=resolution, scales=scales,
                                            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
@@ -245,7 +251,10 @@ class MNCROIHeads(ROIHeads):
             boxes = [Boxes(_clip_gradient(b.tensor, self.box_gradient_clip)) for b in boxes]
         else:
             boxes = [Boxes(b.tensor.detach()) for b in boxes]
-        roi_features = self.roi_pooler(features, boxes)  # (R, C, P, P)
+        pooler = self.roi_pooler
+        if self.inference_pooler is not None and not torch.is_grad_enabled():
+            pooler = self.inference_pooler  # the warp's values; no box graph to keep
+        roi_features = pooler(features, boxes)  # (R, C, P, P)
         mask_logits = self.mask_head.layers(roi_features)  # (R, 1, M, M)
         if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
             raise ValueError(f"MNC's mask head must be class-agnostic (R, 1, M, M); got {tuple(mask_logits.shape)}. "
