@@ -72,3 +72,25 @@ def make_batch(with_gt=(True, True), image_size=(200, 250), seed=0):
 @pytest.fixture
 def cfg():
     return small_cfg()
+
+
+@pytest.fixture
+def register_tiny_shapes(tmp_path):
+    """Factory: register a small 64-px synthetic-shapes dataset under ``<prefix>_<pid>`` (generated into
+    tmp_path on first use); every dataset it registered is removed from D2's catalogs afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from mnc_d2.data.builtin import register_mnc_shapes
+
+    names = []
+
+    def register(prefix: str, num_images: int, seed: int) -> str:
+        name = f"{prefix}_{os.getpid()}"
+        register_mnc_shapes(name, str(tmp_path / "data"), num_images=num_images, seed=seed, image_size=64)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from conftest import small_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 
 from mnc_d2.checkpoint import AtomicCheckpointer, atomic_open, first_non_finite, trim_metrics_json
-from mnc_d2.data.builtin import register_mnc_shapes
 from mnc_d2.engine import Trainer
 from mnc_d2.errors import CheckpointError, CheckpointNotFoundError, NonFiniteError
 
@@ -141,12 +139,8 @@ class _StopAfter(HookBase):
 
 
 @pytest.fixture
-def shapes_dataset(tmp_path):
-    name = f"test_checkpoint_shapes_{os.getpid()}"
-    register_mnc_shapes(name, str(tmp_path / "data"), num_images=6, seed=5, image_size=64)
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+def shapes_dataset(register_tiny_shapes):
+    return register_tiny_shapes("test_checkpoint_shapes", num_images=6, seed=5)
 
 
 def _train(cfg, stop_iter=None, resume=False):

@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN_NET_OPTS, small_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 
-from mnc_d2.data.builtin import register_mnc_shapes
 from mnc_d2.engine import AtomicCOCOEvaluator, Trainer
 from mnc_d2.errors import NonFiniteError
 
@@ -151,12 +150,8 @@ def test_kill_during_checkpoint_save_then_resume(tmp_path, env, baseline):
 
 
 @pytest.fixture
-def shapes_dataset(tmp_path):
-    name = f"test_faults_shapes_{os.getpid()}"
-    register_mnc_shapes(name, str(tmp_path / "data"), num_images=4, seed=7, image_size=64)
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+def shapes_dataset(register_tiny_shapes):
+    return register_tiny_shapes("test_faults_shapes", num_images=4, seed=7)
 
 
 class _Snapshot(HookBase):
