@@ -51,7 +51,8 @@ class ParallelROIPooler(ROIPooler):
         """x: per level (N, C, H_l, W_l); box_lists: N Boxes -> (R, C, P, P), in box order."""
         threads = torch.get_num_threads()
         num_rois = sum(len(b) for b in box_lists)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in x)
+        grad_enabled = torch.is_grad_enabled()  # grad mode is per thread: carried over to the workers below
+        needs_grad = grad_enabled and any(t.requires_grad for t in x)
         if (x[0].is_cuda or threads < 2 or num_rois < 2 * self.min_rois_per_thread or torch.jit.is_scripting()
                 or (needs_grad and not self.parallel_backward_graph)):
             return super().forward(x, box_lists)
@@ -70,13 +71,12 @@ class ParallelROIPooler(ROIPooler):
             pieces = max(1, min(threads, len(inds) // self.min_rois_per_thread))
             tasks.extend((chunk, level) for chunk in inds.tensor_split(pieces) if len(chunk))
 
-        grad_enabled = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
-
         def pool(inds: torch.Tensor, level: int) -> torch.Tensor:
             with torch.set_grad_enabled(grad_enabled):
                 return self.level_poolers[level](x[level], pooler_fmt_boxes[inds])  # (r, C, P, P)
 
-        futures = [_executor(threads).submit(pool, inds, level) for inds, level in tasks]
+        executor = _executor(threads)
+        futures = [executor.submit(pool, inds, level) for inds, level in tasks]
         output = x[0].new_zeros((num_rois, x[0].shape[1], *self.output_size))  # (R, C, P, P)
         for (inds, _), future in zip(tasks, futures):
             output.index_put_((inds,), future.result())
