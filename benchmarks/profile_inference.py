@@ -39,14 +39,10 @@ def instrument(model, acc: Dict[str, List[float]]) -> Callable[[], None]:
     model.proposal_generator.forward = _timed(model.proposal_generator.forward, "rpn", acc)
     heads = model.roi_heads
     heads.forward = _timed(heads.forward, "roi_heads", acc)
-    for attr, label in (("_stage2", "roi_heads.stage2"), ("_stage3", "roi_heads.stage3"),
-                        ("_candidates", "roi_heads.candidates")):
+    for attr, label in (("_roi_features", "roi_heads.stage2.roi_pooler"), ("_mask_logits", "roi_heads.stage2.mask_head"),
+                        ("_classify", "roi_heads.stage3"), ("_candidates", "roi_heads.candidates")):
         if hasattr(heads, attr):
             setattr(heads, attr, _timed(getattr(heads, attr), label, acc))
-    if hasattr(heads, "roi_pooler"):
-        heads.roi_pooler.forward = _timed(heads.roi_pooler.forward, "roi_heads.stage2.roi_pooler", acc)
-    if hasattr(heads, "mask_head") and hasattr(heads.mask_head, "layers"):
-        heads.mask_head.layers = _timed(heads.mask_head.layers, "roi_heads.stage2.mask_head", acc)
     saved = meta_arch.mnc_postprocess
     meta_arch.mnc_postprocess = _timed(saved, "postprocess", acc)
 

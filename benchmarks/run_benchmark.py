@@ -73,11 +73,38 @@ MODELS = {
                                          "hela": "configs/benchmark/maskrcnn_R18_GN_FPN_hela_cpu.yaml"}),
 }
 
+PAPER_CONFIGS = {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu_paper.yaml",
+                 "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu_paper.yaml"}
+# D2's mask head, class-agnostic and CPU-narrowed as in the Mask R-CNN baseline: 4 convs x 64 -> 28x28
+_CONV_HEAD = ("MODEL.ROI_MASK_HEAD.NUM_CONV", "4", "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
+              "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", "True")
+# The cascade ablation (docs/benchmarks/ablation.md): the paper config, then each switch alone on top of it.
+CASCADE_ABLATION = {
+    "paper": ("MNC paper config", ()),
+    "paper_3stage": ("paper, 3 stages", ("MODEL.MNC.NUM_STAGES", "3")),
+    "paper_no_gating": ("paper, gating off", ("MODEL.MNC.SEGMENT_GATING", "False")),
+    "paper_no_segcls": ("paper, segment classifier off", ("MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", "False")),
+    "paper_no_boxgrad": ("paper, box gradients off", ("MODEL.MNC.BOX_GRADIENTS.ENABLED", "False")),
+    "paper_diff_targets": ("paper, differentiable box targets",
+                           ("MODEL.MNC.BOX_GRADIENTS.DIFFERENTIABLE_TARGETS", "True")),
+    "paper_rois256": ("paper, 256 RoIs/image", ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256")),
+    "paper_convhead": ("paper, D2 conv mask head (28x28)",
+                       ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD)),
+    "paper_maskconv3": ("paper, FC head + 3x3 conv", ("MODEL.MNC.MASK_HEAD.NUM_CONV", "1")),
+    "paper_maskconv1": ("paper, FC head + 1x1 conv", ("MODEL.MNC.MASK_HEAD.NUM_CONV", "1",
+                                                      "MODEL.MNC.MASK_HEAD.CONV_KERNEL", "1")),
+    "paper_finalhead": ("paper, + conv mask head on final boxes",
+                        ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD,
+                         "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True")),
+}
+MODELS.update({name: ModelSpec(label, PAPER_CONFIGS, opts) for name, (label, opts) in CASCADE_ABLATION.items()})
+
 # --models shorthands. "ablation" is the {3, 5 stages} x {box gradients off, on} grid of the README (mask
 # voting on/off is a test-time variant of each), with Mask R-CNN for the ratios.
 MODEL_GROUPS = {
     "default": ("mnc3", "mnc5", "maskrcnn"),
     "ablation": ("mnc3", "mnc3_bg", "mnc5", "mnc5_bg", "maskrcnn"),
+    "cascade": (*CASCADE_ABLATION, "maskrcnn"),
 }
 
 # Test-time variants: after training, each MNC model is evaluated and timed again on the same weights
@@ -85,6 +112,8 @@ MODEL_GROUPS = {
 TEST_VARIANTS = {
     "no_voting": ("MODEL.MNC.TEST.MASK_VOTING", "False"),  # paste each kept mask in its own box
     "rpn100": ("MODEL.RPN.POST_NMS_TOPK_TEST", "100"),  # 100 test proposals instead of 300: speed vs AP
+    "final_boxes": ("MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True"),  # output masks re-predicted on final boxes
+    "final_boxes_no_voting": ("MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True", "MODEL.MNC.TEST.MASK_VOTING", "False"),
 }
 
 # dataset -> size -> (train, val). The tiny shapes splits are the instant test's; HeLa is small already.

@@ -40,10 +40,28 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.MASK_HEAD.NUM_CONV = 0
     # MNCMaskHead: channels of those convs.
     _C.MODEL.MNC.MASK_HEAD.CONV_DIM = 256
+    # MNCMaskHead: kernel side of those convs: 3, or 1 for a cheap channel reduction before the FC layer
+    # (on 300 test RoIs a 3x3 conv costs more than the backbone; the paper's head has no conv).
+    _C.MODEL.MNC.MASK_HEAD.CONV_KERNEL = 3
     # MNCMaskHead: width of the hidden FC layer (the reference uses 256).
     _C.MODEL.MNC.MASK_HEAD.FC_DIM = 256
     # MNCMaskHead: side of the predicted mask, M (the reference uses 21).
     _C.MODEL.MNC.MASK_HEAD.MASK_SIZE = 21
+
+    # An optional second, class-agnostic mask head that predicts the OUTPUT masks on the final boxes
+    # (needs TEST.MASKS_ON_FINAL_BOXES), while the stage-2 head serves the cascade's RoIs: a cheap head
+    # for the 300 RoIs, a strong one for the <= 100 detections (how Mask R-CNN spends its mask compute).
+    # It trains on stage 2's foreground RoIs with its own loss (loss_mask_final).
+    _C.MODEL.MNC.FINAL_MASK_HEAD = CN()
+    # Registered mask-head name, e.g. "MaskRCNNConvUpsampleHead" (built from MODEL.ROI_MASK_HEAD's
+    # NUM_CONV / CONV_DIM / NORM, class-agnostic, 28x28); "" = none (the stage-2 head predicts them).
+    _C.MODEL.MNC.FINAL_MASK_HEAD.NAME = ""
+    # Weight of loss_mask_final (Mask R-CNN's mask loss weight is 1).
+    _C.MODEL.MNC.FINAL_MASK_HEAD.LOSS_WEIGHT = 1.0
+
+    # The authors' gating: stage 3 sends gradient into the mask head (through the soft mask) only via
+    # RoIs with a positive segment label (see SEGMENT_CLASSIFIER.MASK_IOU); False = via every RoI.
+    _C.MODEL.MNC.SEGMENT_GATING = False
 
     # End-to-end gradients through box coordinates (RoI warping by bilinear sampling of live boxes).
     _C.MODEL.MNC.BOX_GRADIENTS = CN()
@@ -54,13 +72,27 @@ def add_mnc_config(cfg):
     # Gradients reaching box coordinates are clipped elementwise to [-CLIP, CLIP] (0 = off); they are ~1e-5
     # on the CPU config, where 1.0 never binds and training collapsed, and 1e-6 helped (README "Ablation").
     _C.MODEL.MNC.BOX_GRADIENTS.CLIP = 1e-6
+    # The authors' bound (0 = off; theirs is 1/512 = 0.001953125): the gradient of the predicted box DELTAS
+    # (RPN anchor deltas; five stages: stage-3 deltas), after the chain rule through the box size, is
+    # clipped elementwise. Conventions: the same bound on every FPN level (deltas are scale-free); per
+    # image, i.e. DELTA_CLIP / N on the gradient of D2's batch loss, which averages over N images where
+    # the authors had one. The clipped share is logged (box_gradients/*_clipped_fraction). Our losses
+    # average over mask pixels where Caffe's summed them, so the same number binds differently here.
+    _C.MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP = 0.0
+    # Stage-3/5 box-regression targets computed from the LIVE RoI box (differentiable in it) instead of a
+    # detached copy: the regression loss then no longer pulls a box away from its object when the head
+    # under-predicts the offset (the suspected mechanism of the box-gradient collapse).
+    _C.MODEL.MNC.BOX_GRADIENTS.DIFFERENTIABLE_TARGETS = False
 
     # Segment-aware classifier (the original's second classifier trained on "segment labels").
     _C.MODEL.MNC.SEGMENT_CLASSIFIER = CN()
-    # Add the classifier; when on it scores detections at test time.
+    # Add the classifier (trained on segment labels: an RoI is foreground only if its binarised predicted
+    # mask, pasted in the RoI, has IoU >= MASK_IOU with the WHOLE GT mask); when on it scores detections.
     _C.MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED = False
-    # An RoI is foreground for it if its binarised predicted mask has IoU >= this with its GT mask.
+    # Segment labels (classifier and SEGMENT_GATING): IoU of the pasted binarised mask with the whole GT mask.
     _C.MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU = 0.5
+    # Segment labels binarise the predicted soft mask at this value (the reference: 0.4, as at test time).
+    _C.MODEL.MNC.SEGMENT_CLASSIFIER.MASK_THRESHOLD = 0.4
 
     # Inference.
     _C.MODEL.MNC.TEST = CN()
@@ -71,6 +103,9 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.TEST.MASK_VOTING = True
     # Box IoU for a candidate to take part in a kept instance's vote.
     _C.MODEL.MNC.TEST.VOTING_IOU = 0.5
+    # Predict each kept detection's output mask once more, on its final (regressed) box, before voting or
+    # pasting (Mask R-CNN's frame); False = the mask predicted on its proposal (the paper's three stages).
+    _C.MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES = False
 
     # The paper's metric, mAP^r (datasets with evaluator_type "mapr", e.g. sbd_2012_val).
     _C.TEST.MAPR = CN()

@@ -1,15 +1,17 @@
 """Warm-starting MNC from a Detectron2 Mask R-CNN / Faster R-CNN checkpoint, with an explicit report.
 
 MNC keeps D2's parameter names where its parts are D2's (``backbone.*``, ``proposal_generator.*``,
-``roi_heads.box_head.*``, ``roi_heads.mask_head.*`` when the mask head is a D2 one), so a D2
-checkpoint loads into them. What cannot load is initialised fresh, and the report says why:
+``roi_heads.mask_head.*`` when the mask head is a D2 one); D2's box head ``roi_heads.box_head.*`` is
+MNC's box pathway ``roi_heads.box_pathway.*`` and is renamed on load (as are the old pathway names
+of mnc_d2's own checkpoints), so a D2 checkpoint loads into them. What cannot load is initialised
+fresh, and the report says why:
 
-* ``roi_heads.seg_head.*`` (the segment pathway) has no counterpart in D2. When the checkpoint has
-  no ``roi_heads.seg_head.*`` it is initialised from the checkpoint's ``roi_heads.box_head.*`` (same
-  architecture; the paper initialises both pathways from the same pre-trained fc layers).
+* ``roi_heads.segment_pathway.*`` has no counterpart in D2. When the checkpoint has none it is
+  initialised from the checkpoint's box head (same architecture; the paper initialises both pathways
+  from the same pre-trained fc layers).
 * ``roi_heads.box_predictor.{cls_score,bbox_pred}``: their input is box pathway ++ segment pathway,
   twice as wide as D2's, so they are fresh.
-* ``roi_heads.box_head.fc1``: its input is C * P * P; it loads only if the MNC config's
+* ``roi_heads.box_pathway.fc1``: its input is C * P * P; it loads only if the MNC config's
   ``ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL`` (14 / 2 = 7 in MNC's configs) equals the
   checkpoint's box pooler resolution (7 in D2's).
 * ``roi_heads.mask_head.predictor``: MNC's stage 2 predicts one class-agnostic mask, D2 one per class.
@@ -35,6 +37,8 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
+from .modeling.roi_heads import rename_legacy_pathway_keys
+
 __all__ = [
     "MNCWarmStartCheckpointer",
     "add_segment_pathway_from_box_head",
@@ -43,8 +47,8 @@ __all__ = [
 ]
 
 
-BOX_HEAD_PREFIX = "roi_heads.box_head."
-SEG_HEAD_PREFIX = "roi_heads.seg_head."
+BOX_HEAD_PREFIX = "roi_heads.box_pathway."
+SEG_HEAD_PREFIX = "roi_heads.segment_pathway."
 # Buffers D2 sets from the config, never from a checkpoint (D2's checkpointer ignores them too).
 _FROM_CONFIG = ("pixel_mean", "pixel_std")
 
@@ -57,7 +61,7 @@ def _strip_module_prefix(state_dict: Dict[str, object]) -> None:
 
 
 def add_segment_pathway_from_box_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
-    """Add ``roi_heads.seg_head.X`` = checkpoint ``roi_heads.box_head.X`` to ``state_dict`` (in place)
+    """Add ``roi_heads.segment_pathway.X`` = checkpoint ``roi_heads.box_pathway.X`` to ``state_dict`` (in place)
     when the model has a segment pathway and the checkpoint none (a D2 checkpoint). Tensors are
     copied whatever their shape; a mismatch (e.g. other pooler resolution) is reported like any other.
 
@@ -85,7 +89,7 @@ def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: 
             return (f"input width {model_shape[1]} = box pathway ++ segment pathway "
                     f"(the checkpoint's predictor reads {checkpoint_shape[1]})")
         return "other number of classes (ROI_HEADS.NUM_CLASSES) or class-agnostic box regression"
-    if name.startswith(("roi_heads.box_head.fc1.", "roi_heads.seg_head.fc1.")) and same_rank and len(model_shape) == 2:
+    if name.startswith((BOX_HEAD_PREFIX + "fc1.", SEG_HEAD_PREFIX + "fc1.")) and same_rank and len(model_shape) == 2:
         return ("fc1 input C*P*P differs: check MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL "
                 "(MNC: 14 pooled 2x2 = 7, "
                 "D2 configs 7), FPN.OUT_CHANNELS / ROI_BOX_HEAD.NUM_CONV")
@@ -162,7 +166,7 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
 
 
 def _module_of(name: str) -> str:
-    """Group name for the summary: ``roi_heads.box_head``, ``backbone``, ``proposal_generator``."""
+    """Group name for the summary: ``roi_heads.box_pathway``, ``backbone``, ``proposal_generator``."""
     parts = name.split(".")
     depth = 2 if parts[0] == "roi_heads" and len(parts) > 2 else 1
     return ".".join(parts[:depth])
@@ -246,6 +250,8 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
         state_dict = checkpoint["model"]
         self._convert_ndarray_to_tensor(state_dict)
         _strip_module_prefix(state_dict)
+        if any(k.startswith(BOX_HEAD_PREFIX) for k in self.model.state_dict()):  # an MNC model
+            rename_legacy_pathway_keys(state_dict, "roi_heads.")  # D2's box head, mnc_d2's old names
         if checkpoint.get("matching_heuristics", False):
             # Caffe2 / pycls names -> ours, done here (not in D2's _load_model) so the report sees ours
             state_dict = align_and_update_state_dicts(self.model.state_dict(), state_dict,

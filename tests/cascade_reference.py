@@ -30,11 +30,15 @@ CASES = {
     "5stage": ("MODEL.MNC.NUM_STAGES", 5),
     "3stage_box_gradients": ("MODEL.MNC.NUM_STAGES", 3, "MODEL.MNC.BOX_GRADIENTS.ENABLED", True),
     "5stage_box_gradients": ("MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.BOX_GRADIENTS.ENABLED", True),
+    # gating was implied by the classifier before it became a switch; IoU 0: every foreground RoI is a
+    # positive segment under the old and the new (whole-GT) segment IoU alike
     "5stage_segment_classifier": ("MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", True,
-                                  "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", 0.0),
+                                  "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", 0.0, "MODEL.MNC.SEGMENT_GATING", True),
 }
-MODULES = ("backbone", "proposal_generator", "roi_heads.mask_head", "roi_heads.box_head", "roi_heads.seg_head",
-           "roi_heads.box_predictor")
+# output key -> module (the stage-3 pathways were called box_head / seg_head before the restructuring)
+MODULES = {"backbone": "backbone", "proposal_generator": "proposal_generator", "roi_heads.mask_head": "roi_heads.mask_head",
+           "roi_heads.box_head": "roi_heads.box_pathway", "roi_heads.seg_head": "roi_heads.segment_pathway",
+           "roi_heads.box_predictor": "roi_heads.box_predictor"}
 
 
 def _inputs():
@@ -56,8 +60,11 @@ def cascade_outputs(case: str) -> Dict[str, torch.Tensor]:
         losses = model(_inputs())
         sum(losses.values()).backward()
     out.update({f"loss/{k}": v.detach() for k, v in losses.items()})
-    for name in MODULES:
-        module = model.get_submodule(name)
+    for name, path in MODULES.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # the code before the restructuring
+            module = model.get_submodule(name)
         out[f"grad/{name}"] = torch.stack([p.grad.abs().sum() for p in module.parameters() if p.grad is not None]
                                           ).sum() if any(p.grad is not None for p in module.parameters()) \
             else torch.zeros(())

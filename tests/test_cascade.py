@@ -5,7 +5,7 @@ import torch
 from conftest import make_targets, small_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from mnc_d2.modeling.roi_heads import _clip_gradient
+from mnc_d2.modeling.box_gradients import clip_box_gradient
 
 IMAGE_SIZE = (200, 250)
 # Large objects: many random-init proposals overlap them at IoU >= 0.5, so foreground RoIs come from
@@ -49,7 +49,7 @@ def test_without_box_gradients_rpn_deltas_get_nothing_from_mask_loss():
 
 def test_box_gradient_clip():
     boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
-    (_clip_gradient(boxes * 1, 0.5) * torch.tensor([[10.0, -10.0, 0.1, -0.1]])).sum().backward()
+    (clip_box_gradient(boxes * 1, 0.5) * torch.tensor([[10.0, -10.0, 0.1, -0.1]])).sum().backward()
     assert torch.equal(boxes.grad, torch.tensor([[0.5, -0.5, 0.1, -0.1]]))
 
 
@@ -109,14 +109,42 @@ def test_five_stage_inference_with_an_image_without_proposals():
         assert len(out[0]["instances"]) == 0 and len(out[1]["instances"]) > 0
 
 
-def test_segment_classifier_gates_stage3_gradient_into_mask_head():
-    for mask_iou, expect_gradient in ((0.0, True), (1.01, False)):
-        model, losses = train_losses("MODEL.MNC.SEGMENT_CLASSIFIER.ENABLED", True,
-                                     "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", mask_iou)
-        assert "loss_seg_cls" in losses
+def test_segment_gating_switch_decides_whether_stage3_reaches_the_mask_head():
+    for gating, mask_iou, expect_gradient in ((True, 0.0, True), (True, 1.01, False), (False, 1.01, True)):
+        model, losses = train_losses("MODEL.MNC.SEGMENT_GATING", gating, "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", mask_iou)
+        assert "loss_seg_cls" not in losses  # gating needs segment labels, not the classifier
         losses["loss_cls"].backward()
         got = _grad_norm(model.roi_heads.mask_head.parameters())
-        assert (got > 0) == expect_gradient, (mask_iou, got)
+        assert (got > 0) == expect_gradient, (gating, mask_iou, got)
+
+
+def test_segment_gating_passes_gradient_only_through_segment_positive_rois():
+    """Per RoI: stage 3's loss reaches a RoI's mask logits iff its segment label is positive."""
+    cfg = small_cfg("MODEL.RPN.POST_NMS_TOPK_TRAIN", 100, "MODEL.MNC.SEGMENT_GATING", True,
+                    "MODEL.MNC.SEGMENT_CLASSIFIER.MASK_IOU", 0.3)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    heads, captured = model.roi_heads, {}
+    mask_logits_fn, labels_fn = heads._mask_logits, heads._segment_labels
+
+    def mask_logits(*args, **kwargs):
+        captured["logits"] = mask_logits_fn(*args, **kwargs)
+        captured["logits"].retain_grad()
+        return captured["logits"]
+
+    def segment_labels(*args, **kwargs):
+        captured["labels"] = labels_fn(*args, **kwargs)
+        return captured["labels"]
+
+    heads._mask_logits, heads._segment_labels = mask_logits, segment_labels
+    with EventStorage():
+        losses = model(batch())
+    losses["loss_cls"].backward()
+    positive = captured["labels"] < cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    reached = captured["logits"].grad.flatten(1).abs().sum(1) > 0
+    assert 0 < positive.sum() < len(positive), "the check needs positive and negative segments"
+    assert torch.equal(reached, positive)
 
 
 def test_segment_classifier_scores_detections_at_test_time():
@@ -153,7 +181,7 @@ def test_box_gradient_model_infers_with_roialign_and_the_same_values():
         assert torch.allclose(warped, aligned, atol=1e-4, rtol=1e-4)
         used = []
         heads.inference_pooler.forward = lambda *args: used.append(1) or aligned
-        heads._stage2(features, boxes)
+        heads._roi_features(features, boxes)
     assert used == [1]
-    heads._stage2(features, boxes)  # with autograd: the warp
+    heads._roi_features(features, boxes)  # with autograd: the warp
     assert used == [1]

@@ -74,7 +74,7 @@ def check_train_step(model):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    assert model.roi_heads.seg_head.fc1.weight.grad is not None
+    assert model.roi_heads.segment_pathway.fc1.weight.grad is not None
 
 
 def check_inference(model, num_classes):
@@ -124,7 +124,7 @@ def test_c4_config_gets_mnc_pathway_heads():
     cfg = switched_cfg(R50_C4)
     assert cfg.MODEL.ROI_BOX_HEAD.NAME == "" and cfg.MODEL.ROI_HEADS.IN_FEATURES == ["res4"]
     heads = build_switched(cfg).roi_heads
-    assert type(heads.box_head).__name__ == "FastRCNNConvFCHead" and len(heads.box_head.conv_norm_relus) == 1
+    assert type(heads.box_pathway).__name__ == "FastRCNNConvFCHead" and len(heads.box_pathway.conv_norm_relus) == 1
     assert heads.box_predictor.cls_score.in_features == 2 * 1024
 
 

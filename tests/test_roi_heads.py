@@ -94,7 +94,7 @@ def test_stage3_gradient_reaches_mask_head_through_the_soft_mask():
 def test_without_segment_pathway_the_mask_head_gets_no_classification_gradient():
     """The same check must fail when the segment pathway is removed (the test above can fail)."""
     heads, cfg = build_heads("MODEL.MNC.SEGMENT_PATHWAY", False)
-    assert heads.seg_head is None
+    assert heads.segment_pathway is None
     losses = train_losses(heads, cfg, [make_targets(IMAGE_SIZE)] * 2)
     losses["loss_cls"].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in heads.mask_head.parameters())
@@ -104,8 +104,8 @@ def test_predictor_sees_both_pathways():
     heads, cfg = build_heads()
     fc_dim = cfg.MODEL.ROI_BOX_HEAD.FC_DIM
     assert heads.box_predictor.cls_score.in_features == 2 * fc_dim
-    assert heads.seg_head is not heads.box_head
-    assert heads.seg_head.state_dict().keys() == heads.box_head.state_dict().keys()
+    assert heads.segment_pathway is not heads.box_pathway
+    assert heads.segment_pathway.state_dict().keys() == heads.box_pathway.state_dict().keys()
 
 
 def test_inference_returns_candidates_with_masks_in_their_boxes():

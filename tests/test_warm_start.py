@@ -16,6 +16,7 @@ import mnc_d2
 from conftest import REPO, small_cfg
 from mnc_d2.data.builtin import register_mnc_shapes
 from mnc_d2.engine import Trainer
+from mnc_d2.modeling.roi_heads import rename_legacy_pathway_keys
 from mnc_d2.warm_start import MNCWarmStartCheckpointer, add_segment_pathway_from_box_head, warm_start_report
 
 NUM_CLASSES = 5  # the small config's
@@ -64,7 +65,9 @@ def assert_loaded(model, ckpt, prefixes, source_prefix=None):
     names = [k for k in state if k.startswith(prefixes)]
     assert names
     for name in names:
-        source = name if source_prefix is None else source_prefix + name.split(".", 2)[2]
+        # D2 calls the box pathway "box_head"
+        source = name.replace("roi_heads.box_pathway.", "roi_heads.box_head.") if source_prefix is None \
+            else source_prefix + name.split(".", 2)[2]
         assert torch.equal(state[name], ckpt[source]), name
     return names
 
@@ -76,9 +79,9 @@ def test_mask_rcnn_same_resolution(mask_rcnn_checkpoint, caplog):
     path, ckpt = mask_rcnn_checkpoint
     with caplog.at_level(logging.INFO):
         model, before, report = warm_start(mnc_cfg(), path)
-    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_head."))
+    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_pathway."))
     assert_loaded(model, ckpt, ("roi_heads.mask_head.mask_fcn", "roi_heads.mask_head.deconv"))
-    seg = assert_loaded(model, ckpt, ("roi_heads.seg_head.",), source_prefix="roi_heads.box_head.")
+    seg = assert_loaded(model, ckpt, ("roi_heads.segment_pathway.",), source_prefix="roi_heads.box_head.")
     assert set(report["copied"]) == set(seg)
 
     mismatch = {name: (c, m, why) for name, c, m, why in report["shape_mismatch"]}
@@ -97,7 +100,7 @@ def test_mask_rcnn_same_resolution(mask_rcnn_checkpoint, caplog):
 
     log = caplog.text
     assert "initialised fresh" in log and "roi_heads.box_predictor.cls_score.weight" in log
-    assert "roi_heads.seg_head.* (4 tensors) initialised from the checkpoint's roi_heads.box_head.*" in log
+    assert "roi_heads.segment_pathway.* (4 tensors) initialised from the checkpoint's roi_heads.box_pathway.*" in log
     assert "Skip loading parameter" not in log  # D2's per-key warnings replaced by the report
 
 
@@ -110,14 +113,14 @@ def test_mask_rcnn_other_resolution_is_reported(mask_rcnn_checkpoint, caplog):
     assert_loaded(model, ckpt, ("backbone.", "proposal_generator."))
     mismatch = {name: (c, m, why) for name, c, m, why in report["shape_mismatch"]}
     fc_dim, channels = 64, 32
-    for head in ("box_head", "seg_head"):
+    for head in ("box_pathway", "segment_pathway"):
         name = f"roi_heads.{head}.fc1.weight"
         assert mismatch[name][:2] == ((fc_dim, channels * 7 * 7), (fc_dim, channels * 14 * 14))
         assert "POOLER_RESOLUTION" in mismatch[name][2]
         assert torch.equal(model.state_dict()[name], before[name])
         assert torch.equal(model.state_dict()[f"roi_heads.{head}.fc2.weight"], ckpt["roi_heads.box_head.fc2.weight"])
-    assert "roi_heads.box_head.fc1.weight" in caplog.text and "POOLER_RESOLUTION" in caplog.text
-    assert "roi_heads.seg_head.fc1.weight (from roi_heads.box_head.fc1.weight)" in caplog.text
+    assert "roi_heads.box_pathway.fc1.weight" in caplog.text and "POOLER_RESOLUTION" in caplog.text
+    assert "roi_heads.segment_pathway.fc1.weight (from roi_heads.box_pathway.fc1.weight)" in caplog.text
 
 
 def test_faster_rcnn_into_paper_mask_head(tmp_path):
@@ -126,7 +129,7 @@ def test_faster_rcnn_into_paper_mask_head(tmp_path):
     ckpt = write_checkpoint(d2_cfg("MODEL.MASK_ON", False), path)
     assert not any(k.startswith("roi_heads.mask_head.") for k in ckpt)
     model, before, report = warm_start(small_cfg("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 14), path)  # MNCMaskHead
-    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_head."))
+    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_pathway."))
     mask_head = [k for k in model.state_dict() if k.startswith("roi_heads.mask_head.")]
     assert {name for name, _, _ in report["missing"]} == set(mask_head)
     assert all(why == "the checkpoint has no mask head (Faster R-CNN)" for _, _, why in report["missing"])
@@ -145,10 +148,10 @@ def test_mnc_checkpoint_loads_completely(tmp_path):
 
 def test_report_without_loading():
     model = build_model(mnc_cfg())
-    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("roi_heads.seg_head.")}
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("roi_heads.segment_pathway.")}
     state["roi_heads.extra.weight"] = torch.zeros(2)
     report = warm_start_report(model, state)
-    assert sorted(report["fresh"]) == sorted(k for k in model.state_dict() if k.startswith("roi_heads.seg_head."))
+    assert sorted(report["fresh"]) == sorted(k for k in model.state_dict() if k.startswith("roi_heads.segment_pathway."))
     assert report["missing"][0][2] == "no segment pathway in the checkpoint, and not copied from its box head"
     assert report["unused"] == ["roi_heads.extra.weight"]
 
@@ -215,7 +218,7 @@ def test_legacy_pickles(tmp_path, mask_rcnn_checkpoint):
     with open(zoo_path, "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in ckpt.items()}, "__author__": "Detectron2"}, f)
     model, _, report = warm_start(mnc_cfg(), zoo_path)
-    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_head."))
+    assert_loaded(model, ckpt, ("backbone.", "proposal_generator.", "roi_heads.box_pathway."))
     assert len(report["shape_mismatch"]) == 4
 
     stem = ckpt["backbone.bottom_up.stem.conv1.weight"] + 1
@@ -245,6 +248,7 @@ def test_d2_model_zoo_mask_rcnn_into_mnc():
 
     switched = build_model(zoo_cfg(d2_yaml, "MODEL.META_ARCHITECTURE", "MNC", "MODEL.ROI_HEADS.NAME", "MNCROIHeads"))
     state = dict(d2_state)
+    rename_legacy_pathway_keys(state, "roi_heads.")  # as the checkpointer does: D2's box head is the box pathway
     report = warm_start_report(switched, state, add_segment_pathway_from_box_head(switched, state))
     assert sorted(report["fresh"]) == [
         "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.cls_score.weight",
@@ -254,9 +258,29 @@ def test_d2_model_zoo_mask_rcnn_into_mnc():
 
     mnc = build_model(zoo_cfg(os.path.join(REPO, "configs", "mnc_R_50_FPN_1x.yaml")))
     state = dict(d2_state)
+    rename_legacy_pathway_keys(state, "roi_heads.")
     report = warm_start_report(mnc, state, add_segment_pathway_from_box_head(mnc, state))
     fresh = set(report["fresh"])
-    assert not fresh & {"roi_heads.box_head.fc1.weight", "roi_heads.seg_head.fc1.weight"}
+    assert not fresh & {"roi_heads.box_pathway.fc1.weight", "roi_heads.segment_pathway.fc1.weight"}
     assert {k for k in mnc.state_dict() if k.startswith("roi_heads.mask_head.")} <= fresh
     assert all(k.startswith(("roi_heads.mask_head.", "roi_heads.box_predictor.")) for k in fresh)
     assert not any(k.startswith(("backbone.", "proposal_generator.")) for k in report["fresh"] + report["unused"])
+
+
+def test_checkpoint_with_the_old_pathway_names_loads(tmp_path):
+    """Checkpoints written before the pathways were renamed (``box_head`` / ``seg_head``) load completely,
+    through the checkpointer and through a plain ``load_state_dict``."""
+    model = build_model(small_cfg())
+    old = {k.replace("roi_heads.box_pathway.", "roi_heads.box_head.").replace(
+        "roi_heads.segment_pathway.", "roi_heads.seg_head."): v.clone() + 1 for k, v in model.state_dict().items()}
+    assert any(".seg_head." in k for k in old) and not any("pathway" in k for k in old)
+    path = str(tmp_path / "old_names.pth")
+    torch.save({"model": old}, path)
+    loaded, _, report = warm_start(small_cfg(), path)
+    assert report["fresh"] == [] and report["unused"] == [] and report["copied"] == {}
+    fresh = build_model(small_cfg())
+    assert not fresh.load_state_dict(old, strict=True).missing_keys
+    for model_ in (loaded, fresh):
+        for name, value in model_.state_dict().items():
+            if name not in ("pixel_mean", "pixel_std"):
+                assert torch.equal(value, model.state_dict()[name] + 1), name

@@ -17,20 +17,21 @@ import fvcore.nn.weight_init as weight_init
 @ROI_MASK_HEAD_REGISTRY.register()
 class MNCMaskHead(BaseMaskRCNNHead):
     """
-    [3x3 conv + ReLU] x NUM_CONV -> FC(FC_DIM) + ReLU -> FC(M*M): one class-agnostic mask per RoI.
+    [k x k conv + ReLU] x NUM_CONV -> FC(FC_DIM) + ReLU -> FC(M*M): one class-agnostic mask per RoI
+    (k = CONV_KERNEL: 3, or 1 for a channel reduction).
     Only ``layers`` is used by :class:`MNCROIHeads` (losses are computed there, with MNC's targets).
     """
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, conv_dims: List[int], fc_dim: int, mask_size: int,
-                 conv_norm: str = "", **kwargs):
+                 conv_norm: str = "", conv_kernel: int = 3, **kwargs):
         super().__init__(**kwargs)
         self.mask_size = mask_size
         self.convs = nn.ModuleList()
         channels = input_shape.channels
         for i, dim in enumerate(conv_dims):
-            conv = Conv2d(channels, dim, 3, padding=1, bias=not conv_norm, norm=get_norm(conv_norm, dim),
-                          activation=F.relu)
+            conv = Conv2d(channels, dim, conv_kernel, padding=conv_kernel // 2, bias=not conv_norm,
+                          norm=get_norm(conv_norm, dim), activation=F.relu)
             weight_init.c2_msra_fill(conv)
             self.convs.append(conv)
             channels = dim
@@ -45,7 +46,7 @@ class MNCMaskHead(BaseMaskRCNNHead):
         ret = super().from_config(cfg, input_shape)
         head = cfg.MODEL.MNC.MASK_HEAD
         ret.update(input_shape=input_shape, conv_dims=[head.CONV_DIM] * head.NUM_CONV, fc_dim=head.FC_DIM,
-                   mask_size=head.MASK_SIZE, conv_norm=cfg.MODEL.ROI_MASK_HEAD.NORM)
+                   mask_size=head.MASK_SIZE, conv_norm=cfg.MODEL.ROI_MASK_HEAD.NORM, conv_kernel=head.CONV_KERNEL)
         return ret
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,28 @@ def binary_mask_iou_with_targets(mask_probs: torch.Tensor, targets: torch.Tensor
     return inter / union.clamp(min=1.0)
 
 
+def segment_iou_with_whole_gt(mask_probs: torch.Tensor, targets: torch.Tensor, roi_areas: torch.Tensor,
+                              gt_areas: torch.Tensor, threshold: float) -> torch.Tensor:
+    """
+    IoU, per RoI, between the binarised predicted mask pasted in its RoI and the WHOLE ground-truth mask
+    of its object (the authors' ``mask_overlap`` for segment labels). The predicted mask is zero outside
+    its RoI, so the intersection lies inside the RoI and is measured on the M x M grid (against the GT
+    cropped to the RoI, i.e. the mask target); the union adds the whole GT area: a perfect half-mask in
+    a half-object RoI scores 0.5, not 1.
+
+    Args:
+        mask_probs: (R, 1, M, M) or (R, M, M) predicted probabilities; targets: (R, M, M) GT inside the RoI.
+        roi_areas: (R,) RoI areas in pixels; gt_areas: (R,) areas of the whole GT masks in pixels.
+    Returns:
+        (R,) IoU in [0, 1] (0 where both are empty).
+    """
+    pred = (mask_probs.reshape(targets.shape) >= threshold).flatten(1).float()  # (R, M*M)
+    cell_area = roi_areas / pred.shape[1]  # (R,) pixels per mask cell
+    inter = (pred * (targets.flatten(1) > 0.5)).sum(1) * cell_area  # (R,)
+    union = pred.sum(1) * cell_area + gt_areas.to(inter.dtype) - inter
+    return (inter / union.clamp(min=1e-6)).clamp(max=1.0)
+
+
 def max_pool_square(x: torch.Tensor, k: int) -> torch.Tensor:
     """(R, C, P, P) -> (R, C, P/k, P/k): ``F.max_pool2d(x, k)`` for P divisible by k, computed as
     the maximum of the k*k strided views (on CPU, 6-7x faster than the max_pool2d kernel on

@@ -28,7 +28,7 @@ Memory stays bounded: frames are processed in chunks of at most ``chunk_size``
 elements, and nothing of size (P, Hf, Wf) or (N, H, W) is ever built.
 """
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -120,6 +120,7 @@ def mask_voting(
     iou_threshold: float = 0.5,
     mask_threshold: float = 0.4,
     chunk_size: int = 1 << 23,
+    fallback_boxes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Args:
@@ -136,12 +137,14 @@ def mask_voting(
             matrices); peak extra memory ~ 4 x 4 bytes x chunk_size (~130 MB at the
             default) besides the (K, H, W) bool output. A single frame larger than
             chunk_size is still processed whole.
+        fallback_boxes: (K, 4) output box of a kept instance whose voted mask is empty (MNC: its
+            regressed box); None = the box its mask was predicted in, ``boxes[keep]``.
 
     Returns:
         voted_masks: (K, H, W) bool.
         voted_boxes: (K, 4) tight XYXY boxes of ``voted_masks`` (pixel (x, y) spans
             [x, x + 1) x [y, y + 1), as in ``BitMasks.get_bounding_boxes``); the kept
-            box itself where the voted mask is empty.
+            ``fallback_boxes`` where the voted mask is empty.
 
     Candidates with a non-finite or empty (x1 <= x0 or y1 <= y0) box never vote.
     """
@@ -156,7 +159,8 @@ def mask_voting(
     device = boxes.device
     num_kept = keep.numel()
     voted_masks = torch.zeros((num_kept, img_h, img_w), dtype=torch.bool, device=device)
-    voted_boxes = boxes[keep].clone()  # (K, 4), the fall-back for empty voted masks
+    # (K, 4), the fall-back for empty voted masks
+    voted_boxes = (boxes[keep] if fallback_boxes is None else fallback_boxes).clone().to(boxes.dtype)
     if num_kept == 0 or img_h == 0 or img_w == 0:
         return voted_masks, voted_boxes
 

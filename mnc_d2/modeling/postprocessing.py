@@ -55,6 +55,7 @@ def mnc_postprocess(
         voted_masks, voted_boxes = mask_voting(
             mask_boxes.tensor, soft_masks, candidates.scores, candidates.pred_classes, keep,
             (output_height, output_width), iou_threshold=voting_iou, mask_threshold=mask_threshold,
+            fallback_boxes=pred_boxes.tensor[keep],  # an empty voted mask keeps the regressed box
         )
         result.pred_boxes = Boxes(voted_boxes)
         result.pred_masks = voted_masks

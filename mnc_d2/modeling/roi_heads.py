@@ -1,5 +1,13 @@
-"""MNC's ROI heads: stage 2 (class-agnostic masks) and stage 3 (classification + boxes from a box
-pathway and a segment pathway), optionally repeated as stages 4/5 on the refined boxes.
+"""MNC's ROI heads: the cascade after stage 1. One loop serves training and inference:
+
+    stage pair k = 0 (stages 2, 3) on the sampled proposals; k = 1 (stages 4, 5; five-stage mode) on the
+    boxes refined by stage 3, with the same weights. Each pair:
+      RoI features x (R, C, P, P) -> mask head -> mask logits (R, 1, M, M)                  loss_mask
+      box pathway(x) ++ segment pathway(x * resize(sigmoid(mask logits)))
+        -> class scores (R, K+1), box deltas (R, K*4) [, segment-classifier scores (R, K+1)]
+                                                                loss_cls, loss_box_reg [, loss_seg_cls]
+Inference returns, per image, ALL scored candidates with their NMS rank (``kept_rank``); the MNC
+meta-architecture pastes / votes masks in image space (:func:`mnc_postprocess`).
 
 Shape shorthand: N = images, R = RoIs over the batch, K = foreground classes, C = RoI feature
 channels, P = RoI feature side, M = mask side.
@@ -7,6 +15,7 @@ channels, P = RoI feature side, M = mask side.
 Conventions kept from Detectron2: the background class is the LAST index (K); MNC's code uses 0.
 """
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,23 +29,29 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.modeling.roi_heads.mask_head import build_mask_head
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from .inference import select_candidates
-from .mask_ops import binary_mask_iou_with_targets, mask_loss, mask_pooled_features, mask_targets, max_pool_square
+from .box_gradients import clip_box_gradient, clip_delta_gradient
+from .mask_ops import mask_loss, mask_pooled_features, mask_targets, max_pool_square, segment_iou_with_whole_gt
 from .poolers import ParallelROIPooler
 from .sampling import sample_mnc_rois
 
 logger = logging.getLogger(__name__)
 
+# State-dict names of the stage-3 pathways before they were renamed (checkpoints of mnc_d2 <= 0.2 and
+# D2 checkpoints, whose box head is our box pathway) -> today's names. Mapped on load.
+LEGACY_PATHWAY_KEYS = {"box_head.": "box_pathway.", "seg_head.": "segment_pathway."}
 
-def _clip_gradient(tensor: torch.Tensor, clip: float) -> torch.Tensor:
-    """Identity whose backward clips the gradient elementwise to [-clip, clip] (the original MNC
-    clips the gradient reaching box coordinates)."""
-    if clip > 0 and tensor.requires_grad:
-        tensor.register_hook(lambda grad: grad.clamp(-clip, clip))
-    return tensor
+
+def rename_legacy_pathway_keys(state_dict: Dict[str, object], prefix: str) -> None:
+    """In place: ``{prefix}box_head.*`` -> ``{prefix}box_pathway.*``, ``{prefix}seg_head.*`` ->
+    ``{prefix}segment_pathway.*``, unless the new name is present already."""
+    for key in list(state_dict):
+        for old, new in LEGACY_PATHWAY_KEYS.items():
+            if key.startswith(prefix + old) and prefix + new + key[len(prefix + old):] not in state_dict:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
 
 
 def _pathway_head_cfg(cfg):
@@ -53,16 +68,30 @@ def _pathway_head_cfg(cfg):
     return box_cfg
 
 
+def _mask_areas(gt_masks) -> torch.Tensor:
+    """(G,) pixel areas of BitMasks or PolygonMasks."""
+    if isinstance(gt_masks, BitMasks):
+        return gt_masks.tensor.flatten(1).sum(1).float()
+    return torch.as_tensor(gt_masks.area(), dtype=torch.float32)
+
+
+@dataclass
+class StageOutputs:
+    """Predictions of one stage pair (2/3 or 4/5) on R RoIs."""
+    boxes: List[Boxes]  # per image, the RoIs the pair ran on (with their graph when box gradients are on)
+    mask_logits: torch.Tensor  # (R, 1, M, M) stage 2/4
+    mask_probs: torch.Tensor  # (R, 1, M, M) sigmoid of the logits, as stage 3/5 saw them
+    scores: torch.Tensor  # (R, K+1) stage 3/5 class logits
+    deltas: torch.Tensor  # (R, K*4) or (R, 4) box deltas
+    seg_scores: Optional[torch.Tensor]  # (R, K+1) segment-aware classifier logits, or None
+    mask_targets: Optional[torch.Tensor] = None  # (F, M, M) training: targets of the foreground RoIs
+    seg_labels: Optional[torch.Tensor] = None  # (R,) training: segment labels (K = background)
+    roi_features: Optional[torch.Tensor] = None  # (R, C, P, P) training with a final mask head
+
+
 @ROI_HEADS_REGISTRY.register()
 class MNCROIHeads(ROIHeads):
-    """
-    Training (per stage pair 2/3, and 4/5 in five-stage mode):
-      RoI features x (R, C, P, P) -> mask head -> mask logits (R, 1, M, M)      loss_mask
-      box pathway(x) ++ segment pathway(x * resize(sigmoid(mask logits)))
-        -> class scores (R, K+1), box deltas (R, K*4)                            loss_cls, loss_box_reg
-    Inference returns, per image, ALL scored candidates with their NMS rank (``kept_rank``); the MNC
-    meta-architecture pastes / votes masks in image space (:func:`mnc_postprocess`).
-    """
+    """Stages 2-5 of MNC (see the module docstring)."""
 
     @configurable
     def __init__(
@@ -71,10 +100,14 @@ class MNCROIHeads(ROIHeads):
         in_features: List[str],
         roi_pooler: nn.Module,
         mask_head: nn.Module,
-        box_head: nn.Module,
-        seg_head: Optional[nn.Module],
+        box_pathway: nn.Module,
+        segment_pathway: Optional[nn.Module],
         box_predictor: FastRCNNOutputLayers,
         segment_classifier: Optional[nn.Module] = None,
+        final_mask_head: Optional[nn.Module] = None,
+        final_mask_loss_weight: float = 1.0,
+        segment_gating: bool = False,
+        masks_on_final_boxes: bool = False,
         num_stages: int = 3,
         mask_loss_weight: float = 2.0,
         mask_target_threshold: float = 0.4,
@@ -83,9 +116,11 @@ class MNCROIHeads(ROIHeads):
         fg_iou: float = 0.5,
         refined_fg_iou: float = 0.5,
         segment_mask_iou: float = 0.5,
-        mask_threshold: float = 0.4,
+        segment_mask_threshold: float = 0.4,
         box_gradients: bool = False,
         box_gradient_clip: float = 0.0,
+        delta_gradient_clip: float = 0.0,
+        differentiable_targets: bool = False,
         pathway_pool: int = 1,
         refined_min_size: float = 1.0,
         inference_pooler: Optional[nn.Module] = None,
@@ -94,15 +129,22 @@ class MNCROIHeads(ROIHeads):
         super().__init__(**kwargs)
         if num_stages not in (3, 5):
             raise ValueError(f"MODEL.MNC.NUM_STAGES must be 3 or 5, got {num_stages}")
+        if final_mask_head is not None and not masks_on_final_boxes:
+            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD.NAME predicts the masks on the final boxes: it needs "
+                             "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True")
         self.in_features = in_features
         self.roi_pooler = roi_pooler
         self.inference_pooler = inference_pooler  # used instead of roi_pooler when autograd is off
         self.mask_head = mask_head
-        self.box_head = box_head  # box pathway (same name as D2's box head: warm starts load into it)
-        self.seg_head = seg_head  # segment pathway; None = ablation without it
+        self.box_pathway = box_pathway  # stage 3 on the RoI features
+        self.segment_pathway = segment_pathway  # stage 3 on the RoI features times the mask; None = ablation
         self.box_predictor = box_predictor
         self.segment_classifier = segment_classifier
-        self.num_stages = num_stages
+        self.final_mask_head = final_mask_head  # None: the stage-2 head predicts the output masks
+        self.final_mask_loss_weight = final_mask_loss_weight
+        self.segment_gating = segment_gating
+        self.masks_on_final_boxes = masks_on_final_boxes
+        self.num_stage_pairs = 1 if num_stages == 3 else 2
         self.mask_loss_weight = mask_loss_weight
         self.mask_target_threshold = mask_target_threshold
         self.bg_iou_lo = bg_iou_lo
@@ -110,11 +152,17 @@ class MNCROIHeads(ROIHeads):
         self.fg_iou = fg_iou
         self.refined_fg_iou = refined_fg_iou
         self.segment_mask_iou = segment_mask_iou
-        self.mask_threshold = mask_threshold
+        self.segment_mask_threshold = segment_mask_threshold
         self.box_gradients = box_gradients
         self.box_gradient_clip = box_gradient_clip
+        self.delta_gradient_clip = delta_gradient_clip
+        self.differentiable_targets = differentiable_targets
         self.pathway_pool = pathway_pool
         self.refined_min_size = refined_min_size
+
+    @property
+    def num_stages(self) -> int:
+        return 1 + 2 * self.num_stage_pairs
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -162,28 +210,44 @@ class MNCROIHeads(ROIHeads):
             mask_cfg.defrost()
             mask_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
         mask_head = build_mask_head(mask_cfg, roi_shape)
+        final_mask_head = None
+        if mnc.FINAL_MASK_HEAD.NAME:
+            final_cfg = cfg.clone()
+            final_cfg.defrost()
+            final_cfg.MODEL.ROI_MASK_HEAD.NAME = mnc.FINAL_MASK_HEAD.NAME
+            final_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+            final_mask_head = build_mask_head(final_cfg, roi_shape)
         box_cfg = _pathway_head_cfg(cfg)
-        box_head = build_box_head(box_cfg, pathway_shape)
-        seg_head = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
-        predictor_channels = box_head.output_shape.channels + (seg_head.output_shape.channels if seg_head else 0)
-        predictor_shape = ShapeSpec(channels=predictor_channels)
-        box_predictor = FastRCNNOutputLayers(cfg, predictor_shape)
+        box_pathway = build_box_head(box_cfg, pathway_shape)
+        segment_pathway = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
+        predictor_channels = box_pathway.output_shape.channels + (
+            segment_pathway.output_shape.channels if segment_pathway else 0)
+        box_predictor = FastRCNNOutputLayers(cfg, ShapeSpec(channels=predictor_channels))
         segment_classifier = None
         if mnc.SEGMENT_CLASSIFIER.ENABLED:
             segment_classifier = nn.Linear(predictor_channels, cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1)
             nn.init.normal_(segment_classifier.weight, std=0.01)
             nn.init.constant_(segment_classifier.bias, 0)
         ret.update(
-            in_features=in_features, roi_pooler=roi_pooler, mask_head=mask_head, box_head=box_head,
-            seg_head=seg_head, box_predictor=box_predictor, segment_classifier=segment_classifier,
+            in_features=in_features, roi_pooler=roi_pooler, mask_head=mask_head, box_pathway=box_pathway,
+            segment_pathway=segment_pathway, box_predictor=box_predictor, segment_classifier=segment_classifier,
             num_stages=mnc.NUM_STAGES, mask_loss_weight=mnc.MASK_LOSS_WEIGHT,
             mask_target_threshold=mnc.MASK_TARGET_THRESHOLD, bg_iou_lo=mnc.BG_IOU_LO,
             bg_hard_fraction=mnc.BG_HARD_FRACTION, fg_iou=cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[-1],
             refined_fg_iou=mnc.REFINED_FG_IOU, segment_mask_iou=mnc.SEGMENT_CLASSIFIER.MASK_IOU,
-            mask_threshold=mnc.TEST.MASK_THRESHOLD, box_gradients=mnc.BOX_GRADIENTS.ENABLED,
-            box_gradient_clip=mnc.BOX_GRADIENTS.CLIP, pathway_pool=pool, refined_min_size=mnc.REFINED_MIN_SIZE,
+            segment_mask_threshold=mnc.SEGMENT_CLASSIFIER.MASK_THRESHOLD,
+            final_mask_head=final_mask_head, final_mask_loss_weight=mnc.FINAL_MASK_HEAD.LOSS_WEIGHT,
+            segment_gating=mnc.SEGMENT_GATING, masks_on_final_boxes=mnc.TEST.MASKS_ON_FINAL_BOXES,
+            box_gradients=mnc.BOX_GRADIENTS.ENABLED, box_gradient_clip=mnc.BOX_GRADIENTS.CLIP,
+            delta_gradient_clip=mnc.BOX_GRADIENTS.DELTA_CLIP,
+            differentiable_targets=mnc.BOX_GRADIENTS.DIFFERENTIABLE_TARGETS,
+            pathway_pool=pool, refined_min_size=mnc.REFINED_MIN_SIZE,
         )
         return ret
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rename_legacy_pathway_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ labels and sampling
     @torch.no_grad()
@@ -215,8 +279,8 @@ class MNCROIHeads(ROIHeads):
         storage.put_scalar(f"{prefix}/num_bg_samples", num_all - num_fg)
 
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
-        """MNC sampling (GT appended; <= positive_fraction foreground; hard/easy background split).
-        Box coordinates keep their graph (box gradients); matching uses detached copies."""
+        """Stage 2/3 RoIs, MNC sampling (GT appended; <= positive_fraction foreground; hard/easy
+        background split). Box coordinates keep their graph (box gradients); matching uses detached copies."""
         if self.proposal_append_gt:
             proposals = add_ground_truth_to_proposals(targets, proposals)
         sampled = []
@@ -235,8 +299,6 @@ class MNCROIHeads(ROIHeads):
         """Stage-4/5 RoIs: refined boxes plus GT boxes, labelled at IoU >= refined_fg_iou, no subsampling."""
         labelled = []
         for boxes_i, targets_i in zip(refined, targets):
-            # degenerate boxes (e.g. clipped to zero width) would give infinite regression targets
-            boxes_i = boxes_i[Boxes(boxes_i.tensor.detach()).nonempty(threshold=self.refined_min_size)]
             rois = Instances(targets_i.image_size)
             rois.proposal_boxes = Boxes.cat([boxes_i, targets_i.gt_boxes]) if len(targets_i) else boxes_i
             max_iou, matched = self._match(rois.proposal_boxes.tensor, targets_i)
@@ -244,106 +306,164 @@ class MNCROIHeads(ROIHeads):
         self._sample_stats(labelled, "roi_head_stage4")
         return labelled
 
-    # ------------------------------------------------------------------ the stages
-    def _stage2(self, features: List[torch.Tensor], boxes: List[Boxes]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """RoI features (R, C, P, P) and class-agnostic mask logits (R, 1, M, M)."""
+    # ------------------------------------------------------------------ one stage pair
+    def _roi_features(self, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """(R, C, P, P) RoI features: the one pooling call of every stage. With box gradients the boxes keep
+        their graph (through the differentiable warp); without autograd the cheaper inference pooler is used."""
         if self.box_gradients:
-            boxes = [Boxes(_clip_gradient(b.tensor, self.box_gradient_clip)) for b in boxes]
+            boxes = [Boxes(clip_box_gradient(b.tensor, self.box_gradient_clip)) for b in boxes]
         else:
             boxes = [Boxes(b.tensor.detach()) for b in boxes]
         pooler = self.roi_pooler
         if self.inference_pooler is not None and not torch.is_grad_enabled():
             pooler = self.inference_pooler  # the warp's values; no box graph to keep
-        roi_features = pooler(features, boxes)  # (R, C, P, P)
-        mask_logits = self.mask_head.layers(roi_features)  # (R, 1, M, M)
-        if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
-            raise ValueError(f"MNC's mask head must be class-agnostic (R, 1, M, M); got {tuple(mask_logits.shape)}. "
-                             "Check MODEL.ROI_MASK_HEAD.NAME / CLS_AGNOSTIC_MASK")
-        return roi_features, mask_logits
+        return pooler(features, boxes)
 
-    def _stage3(self, roi_features: torch.Tensor, mask_probs: torch.Tensor):
-        """Class scores (R, K+1), box deltas (R, K*4), segment-classifier scores (R, K+1) or None."""
-        pathways = [self.box_head(self._pool(roi_features))]  # (R, D)
-        if self.seg_head is not None:
-            pathways.append(self.seg_head(self._pool(mask_pooled_features(roi_features, mask_probs))))  # (R, D)
-        joint = torch.cat(pathways, dim=1)  # (R, 2D)
-        scores, deltas = self.box_predictor(joint)
-        seg_scores = self.segment_classifier(joint) if self.segment_classifier is not None else None
-        return scores, deltas, seg_scores
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+    def _pathway_input(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) -> (R, C, P/k, P/k) max-pooled input of a stage-3 pathway (k = PATHWAY_POOL).
-        Without autograd (inference) the strided maximum is used: the same values, much faster on CPU;
-        in training max_pool2d's backward is the cheaper one."""
+        Without autograd the strided maximum gives the same values, much faster on CPU; in training
+        max_pool2d's backward is the cheaper one."""
         if self.pathway_pool <= 1:
             return x
         if torch.is_grad_enabled() and x.requires_grad:
             return F.max_pool2d(x, self.pathway_pool)
         return max_pool_square(x, self.pathway_pool)
 
-    def _stage_losses(self, features, rois: List[Instances], suffix_mask: str, suffix_cls: str):
-        """Stage 2 + stage 3 losses on labelled RoIs; also returns the stage-3 predictions."""
-        roi_features, mask_logits = self._stage2(features, [r.proposal_boxes for r in rois])
-        mask_size = mask_logits.shape[-1]
+    def _mask_logits(self, roi_features: torch.Tensor, head: Optional[nn.Module] = None) -> torch.Tensor:
+        """Stage 2: (R, C, P, P) -> class-agnostic mask logits (R, 1, M, M) of ``head`` (the stage-2 head)."""
+        mask_logits = (head or self.mask_head).layers(roi_features)
+        if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
+            raise ValueError(f"MNC's mask head must be class-agnostic (R, 1, M, M); got {tuple(mask_logits.shape)}. "
+                             "Check MODEL.ROI_MASK_HEAD.NAME / CLS_AGNOSTIC_MASK")
+        return mask_logits
+
+    def _classify(self, roi_features: torch.Tensor, mask_probs: torch.Tensor):
+        """Stage 3: class scores (R, K+1), box deltas (R, K*4), segment-classifier scores (R, K+1) or None."""
+        pathways = [self.box_pathway(self._pathway_input(roi_features))]  # (R, D)
+        if self.segment_pathway is not None:
+            masked = mask_pooled_features(roi_features, mask_probs)  # (R, C, P, P)
+            pathways.append(self.segment_pathway(self._pathway_input(masked)))  # (R, D)
+        joint = torch.cat(pathways, dim=1)  # (R, 2D)
+        scores, deltas = self.box_predictor(joint)
+        seg_scores = self.segment_classifier(joint) if self.segment_classifier is not None else None
+        return scores, deltas, seg_scores
+
+    @torch.no_grad()
+    def _segment_labels(self, mask_probs: torch.Tensor, targets: torch.Tensor, rois: List[Instances]) -> torch.Tensor:
+        """(R,) segment labels: the RoI's class if its binarised mask, pasted in the RoI, has IoU >=
+        segment_mask_iou with the whole GT mask of its object, else K (background)."""
         gt_classes = cat([r.gt_classes for r in rois])  # (R,)
         fg = gt_classes < self.num_classes
-        targets = cat([
+        fg_rois = [r[r.gt_classes < self.num_classes] for r in rois]
+        roi_areas = cat([r.proposal_boxes.area() for r in fg_rois]).detach()  # (F,)
+        gt_areas = cat([_mask_areas(r.gt_masks).to(roi_areas.device) if r.has("gt_masks") else roi_areas.new_zeros(len(r))
+                        for r in fg_rois])  # (F,)
+        mask_iou = segment_iou_with_whole_gt(mask_probs[fg], targets, roi_areas, gt_areas,
+                                             self.segment_mask_threshold)  # (F,)
+        seg_labels = torch.full_like(gt_classes, self.num_classes)
+        seg_labels[fg] = torch.where(mask_iou >= self.segment_mask_iou, gt_classes[fg], self.num_classes)
+        return seg_labels
+
+    def _run_stage_pair(self, features: List[torch.Tensor], rois: List[Instances], pair: int) -> StageOutputs:
+        """Stages 2+3 (pair 0) or 4+5 (pair 1) on ``rois``; in training the RoIs carry their labels."""
+        boxes = [r.proposal_boxes for r in rois]
+        roi_features = self._roi_features(features, boxes)  # (R, C, P, P)
+        mask_logits = self._mask_logits(roi_features)  # (R, 1, M, M)
+        mask_probs = mask_logits.sigmoid()  # with gradient: stage 3 trains the mask head through it
+        targets = seg_labels = None
+        if self.training:
+            targets = self._mask_targets(rois, mask_logits.shape[-1])  # (F, M, M)
+            if self.segment_classifier is not None or self.segment_gating:
+                seg_labels = self._segment_labels(mask_probs, targets, rois)
+                seg_positive = seg_labels < self.num_classes
+                get_event_storage().put_scalar(f"roi_head{self._suffixes(pair)[1]}/num_seg_positive",
+                                               seg_positive.sum().item())
+            if self.segment_gating:
+                # stage 3 reaches the mask head only through RoIs whose predicted mask is a good segment
+                mask_probs = torch.where(seg_positive[:, None, None, None], mask_probs, mask_probs.detach())
+        scores, deltas, seg_scores = self._classify(roi_features, mask_probs)
+        keep_features = roi_features if self.training and pair == 0 and self.final_mask_head is not None else None
+        return StageOutputs(boxes, mask_logits, mask_probs, scores, deltas, seg_scores, targets, seg_labels,
+                            keep_features)
+
+    def _mask_targets(self, rois: List[Instances], mask_size: int) -> torch.Tensor:
+        """(F, M, M) MNC mask targets of the foreground RoIs, in RoI order."""
+        return cat([
             mask_targets(r.gt_masks[r.gt_classes < self.num_classes],
                          r.proposal_boxes.tensor[r.gt_classes < self.num_classes], mask_size, self.mask_target_threshold)
-            if r.has("gt_masks") else mask_logits.new_zeros((0, mask_size, mask_size))
+            if r.has("gt_masks") else r.proposal_boxes.tensor.new_zeros((0, mask_size, mask_size))
             for r in rois
-        ])  # (F, M, M)
-        losses = {f"loss_mask{suffix_mask}": mask_loss(mask_logits[fg], targets) * self.mask_loss_weight}
+        ])
 
-        mask_probs = mask_logits.sigmoid()  # (R, 1, M, M), with gradient into the mask head
-        seg_labels = None
-        if self.segment_classifier is not None:
-            with torch.no_grad():
-                mask_iou = binary_mask_iou_with_targets(mask_probs[fg], targets, self.mask_threshold)  # (F,)
-                seg_labels = torch.full_like(gt_classes, self.num_classes)
-                seg_labels[fg] = torch.where(mask_iou >= self.segment_mask_iou, gt_classes[fg], self.num_classes)
-                seg_positive = seg_labels < self.num_classes
-            # stage 3 reaches the mask head only through RoIs whose predicted mask is a good segment
-            mask_probs = torch.where(seg_positive[:, None, None, None], mask_probs, mask_probs.detach())
-            get_event_storage().put_scalar(f"roi_head{suffix_cls}/num_seg_positive", seg_positive.sum().item())
+    @staticmethod
+    def _suffixes(pair: int) -> Tuple[str, str]:
+        """Loss-name suffixes of a pair's mask stage and classification stage."""
+        return ("", "") if pair == 0 else ("_stage4", "_stage5")
 
-        scores, deltas, seg_scores = self._stage3(roi_features, mask_probs)
+    def _losses(self, out: StageOutputs, rois: List[Instances], pair: int) -> Dict[str, torch.Tensor]:
+        suffix_mask, suffix_cls = self._suffixes(pair)
+        fg = cat([r.gt_classes for r in rois]) < self.num_classes  # (R,)
+        losses = {f"loss_mask{suffix_mask}": mask_loss(out.mask_logits[fg], out.mask_targets) * self.mask_loss_weight}
         detached = []
         for r in rois:  # D2's box loss asserts proposals carry no gradient
             d = Instances(r.image_size, proposal_boxes=Boxes(r.proposal_boxes.tensor.detach()), gt_classes=r.gt_classes)
             if r.has("gt_boxes"):
                 d.gt_boxes = r.gt_boxes
             detached.append(d)
-        box_losses = self.box_predictor.losses((scores, deltas), detached)
+        box_losses = self.box_predictor.losses((out.scores, out.deltas), detached)
+        if self.box_gradients and self.differentiable_targets:
+            # regression targets from the live boxes: the loss's gradient reaches them through the targets too
+            live = cat([r.proposal_boxes.tensor for r in rois])  # (R, 4)
+            gt_boxes = cat([(r.gt_boxes if r.has("gt_boxes") else r.proposal_boxes).tensor for r in rois])
+            box_losses["loss_box_reg"] = self.box_predictor.box_reg_loss(
+                live, gt_boxes.detach(), out.deltas, cat([r.gt_classes for r in rois]))
         losses.update({f"{k}{suffix_cls}": v for k, v in box_losses.items()})
-        if seg_scores is not None:
-            losses[f"loss_seg_cls{suffix_cls}"] = F.cross_entropy(seg_scores, seg_labels)
-        return losses, (scores, deltas, seg_scores)
+        if out.roi_features is not None:  # the final mask head trains on stage 2's foreground RoIs
+            final_logits = self._mask_logits(out.roi_features[fg], self.final_mask_head)  # (F, 1, M', M')
+            final_targets = self._mask_targets(rois, final_logits.shape[-1])  # (F, M', M')
+            losses["loss_mask_final"] = mask_loss(final_logits, final_targets) * self.final_mask_loss_weight
+        if out.seg_scores is not None:
+            losses[f"loss_seg_cls{suffix_cls}"] = F.cross_entropy(out.seg_scores, out.seg_labels)
+        return losses
 
-    def _class_probs(self, scores: torch.Tensor, seg_scores: Optional[torch.Tensor]) -> torch.Tensor:
+    # ------------------------------------------------------------------ between stage pairs
+    def _class_probs(self, out: StageOutputs) -> torch.Tensor:
         """(R, K+1) probabilities used for scoring: the segment-aware classifier's when present."""
-        return F.softmax(seg_scores if seg_scores is not None else scores, dim=-1)
+        return F.softmax(out.seg_scores if out.seg_scores is not None else out.scores, dim=-1)
 
-    def _predicted_boxes(self, deltas: torch.Tensor, boxes: List[Boxes]) -> torch.Tensor:
-        """(R, K*4) or (R, 4) boxes decoded from deltas; differentiable in both (box gradients)."""
-        rois = cat([b.tensor for b in boxes])
+    def _predicted_boxes(self, out: StageOutputs) -> torch.Tensor:
+        """(R, K*4) or (R, 4) boxes decoded from a pair's deltas; differentiable in both (box gradients,
+        the deltas' gradient then bounded as the authors' stage bridge does, per image)."""
+        rois, deltas = cat([b.tensor for b in out.boxes]), out.deltas
         if not self.box_gradients:
             rois, deltas = rois.detach(), deltas.detach()
+        else:
+            deltas = clip_delta_gradient(deltas, self.delta_gradient_clip / max(len(out.boxes), 1), "stage3_delta")
         return self.box_predictor.box2box_transform.apply_deltas(deltas, rois)
 
-    def _refine(self, deltas: torch.Tensor, probs: torch.Tensor, boxes: List[Boxes], image_sizes) -> List[Boxes]:
-        """Five-stage mode: each RoI's box moved by the stage-3 deltas of its top foreground class."""
-        predicted = self._predicted_boxes(deltas, boxes)  # (R, K*4) or (R, 4)
+    def _refined_boxes(self, out: StageOutputs, image_sizes) -> List[Boxes]:
+        """Five-stage mode: each RoI's box moved by the stage-3 deltas of its top foreground class, clipped."""
+        probs = self._class_probs(out).detach()
+        predicted = self._predicted_boxes(out)  # (R, K*4) or (R, 4)
         num_rois = predicted.shape[0]
         predicted = predicted.view(num_rois, predicted.shape[1] // 4, 4)  # (R, K or 1, 4); R may be 0
         top_class = probs[:, :-1].argmax(dim=1) if predicted.shape[1] > 1 else torch.zeros_like(probs[:, 0]).long()
         refined = predicted[torch.arange(num_rois, device=predicted.device), top_class]  # (R, 4)
-        out = []
-        for boxes_i, size in zip(refined.split([len(b) for b in boxes]), image_sizes):
+        out_boxes = []
+        for boxes_i, size in zip(refined.split([len(b) for b in out.boxes]), image_sizes):
             h, w = size
             x0, y0, x1, y1 = boxes_i.unbind(dim=1)  # clip without in-place ops (keeps the graph)
-            out.append(Boxes(torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], dim=1)))
-        return out
+            out_boxes.append(Boxes(torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], dim=1)))
+        return out_boxes
+
+    def _next_rois(self, out: StageOutputs, rois: List[Instances], targets: Optional[List[Instances]]) -> List[Instances]:
+        """RoIs of the next pair: the refined boxes (labelled in training)."""
+        refined = self._refined_boxes(out, [r.image_size for r in rois])
+        # degenerate boxes (e.g. clipped to zero width): infinite regression targets in training, no mask
+        refined = [b[Boxes(b.tensor.detach()).nonempty(threshold=self.refined_min_size)] for b in refined]
+        if self.training:
+            return self.label_refined_boxes(refined, targets)
+        return [Instances(r.image_size, proposal_boxes=b) for r, b in zip(rois, refined)]
 
     # ------------------------------------------------------------------ forward
     def forward(self, images, features: Dict[str, torch.Tensor], proposals: List[Instances],
@@ -353,34 +473,33 @@ class MNCROIHeads(ROIHeads):
         if self.training:
             assert targets, "'targets' argument is required during training"
             rois = self.label_and_sample_proposals(proposals, targets)
-            losses, (scores, deltas, seg_scores) = self._stage_losses(features, rois, "", "")
-            if self.num_stages == 5:
-                refined = self._refine(deltas, self._class_probs(scores, seg_scores).detach(),
-                                       [r.proposal_boxes for r in rois], [r.image_size for r in rois])
-                rois5 = self.label_refined_boxes(refined, targets)
-                losses5, _ = self._stage_losses(features, rois5, "_stage4", "_stage5")
-                losses.update(losses5)
+        else:
+            rois = [Instances(p.image_size, proposal_boxes=p.proposal_boxes) for p in proposals]
+        losses, outputs = {}, []
+        for pair in range(self.num_stage_pairs):
+            if pair > 0:
+                rois = self._next_rois(outputs[-1], rois, targets)
+            outputs.append(self._run_stage_pair(features, rois, pair))
+            if self.training:
+                losses.update(self._losses(outputs[-1], rois, pair))
+        if self.training:
             return [], losses
-        return self._inference(features, [p.proposal_boxes for p in proposals], [p.image_size for p in proposals]), {}
+        candidates = self._inference(outputs, [r.image_size for r in rois])
+        if self.masks_on_final_boxes:
+            candidates = self._masks_on_final_boxes(features, candidates)
+        return candidates, {}
 
-    def _inference(self, features, boxes: List[Boxes], image_sizes) -> List[Instances]:
-        stage_outputs = []  # per stage pair: (boxes, predicted boxes (R, K*4), probs (R, K+1), mask probs)
-        for stage in range(1 if self.num_stages == 3 else 2):
-            roi_features, mask_logits = self._stage2(features, boxes)
-            mask_probs = mask_logits.sigmoid()  # (R, 1, M, M)
-            scores, deltas, seg_scores = self._stage3(roi_features, mask_probs)
-            probs = self._class_probs(scores, seg_scores)
-            stage_outputs.append((boxes, self._predicted_boxes(deltas, boxes), probs, mask_probs))
-            if stage == 0 and self.num_stages == 5:
-                boxes = self._refine(deltas, probs, boxes, image_sizes)
-
-        counts = [len(b) for b in boxes]
+    # ------------------------------------------------------------------ inference
+    def _inference(self, outputs: List[StageOutputs], image_sizes) -> List[Instances]:
+        """Per image, the candidates of all stage pairs merged (stage 3, then stage 5)."""
+        per_pair = []  # per pair, per image: (mask boxes, predicted boxes, probs, mask probs)
+        for out in outputs:
+            counts = [len(b) for b in out.boxes]
+            per_pair.append(list(zip([b.tensor for b in out.boxes], self._predicted_boxes(out).split(counts),
+                                     self._class_probs(out).split(counts), out.mask_probs.split(counts))))
         results = []
         for i, image_size in enumerate(image_sizes):
-            # merge the candidates of stage 3 and (five-stage) stage 5 of image i
-            per_stage = [[t.split(counts)[i] if isinstance(t, torch.Tensor) else t[i].tensor for t in out]
-                         for out in stage_outputs]
-            mask_box, pred_box, prob, mask_prob = (torch.cat(parts) for parts in zip(*per_stage))
+            mask_box, pred_box, prob, mask_prob = (torch.cat(parts) for parts in zip(*[p[i] for p in per_pair]))
             results.append(self._candidates(mask_box, pred_box, prob, mask_prob, image_size))
         return results
 
@@ -401,10 +520,28 @@ class MNCROIHeads(ROIHeads):
         out.kept_rank = kept_rank
         return out
 
+    def _masks_on_final_boxes(self, features: List[torch.Tensor], candidates: List[Instances]) -> List[Instances]:
+        """The kept detections' masks predicted once more, on their final (regressed) boxes, by the final
+        mask head if there is one; other candidates keep the mask of their RoI (voting votes each mask in
+        the frame it was predicted in). Kept boxes thinner than refined_min_size are dropped."""
+        kept = []
+        for c in candidates:
+            degenerate = ~c.pred_boxes.nonempty(threshold=self.refined_min_size)
+            c.kept_rank[degenerate] = -1
+            kept.append(torch.nonzero(c.kept_rank >= 0).squeeze(1))  # (D,)
+        boxes = [c.pred_boxes[k] for c, k in zip(candidates, kept)]
+        mask_probs = self._mask_logits(self._roi_features(features, boxes), self.final_mask_head).sigmoid()
+        for c, k, probs in zip(candidates, kept, mask_probs.split([len(k) for k in kept])):
+            if c.pred_masks.shape[-2:] != probs.shape[-2:]:  # a final head of another mask size
+                c.pred_masks = F.interpolate(c.pred_masks, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+            c.pred_masks[k] = probs
+            c.mask_boxes.tensor[k] = c.pred_boxes.tensor[k]
+        return candidates
+
     def forward_with_given_boxes(self, features: Dict[str, torch.Tensor], instances: List[Instances]) -> List[Instances]:
         """Masks for given detections (``pred_boxes``, ``pred_classes``; ``scores`` optional)."""
         features = [features[f] for f in self.in_features]
-        _, mask_logits = self._stage2(features, [x.pred_boxes for x in instances])
+        mask_logits = self._mask_logits(self._roi_features(features, [x.pred_boxes for x in instances]))
         out = []
         for inst, logits in zip(instances, mask_logits.split([len(x) for x in instances])):
             inst = Instances(inst.image_size, **inst.get_fields())
