@@ -324,6 +324,44 @@ def write_outputs(out_dir: str, meta: Dict, models: Dict[str, Dict]) -> Dict[str
     return paths
 
 
+# ------------------------------------------------------------------------------------ --time-only
+TIMING_FILES = {"json": "timing.json", "markdown": "timing.md"}
+
+
+def timing_markdown(meta: Dict, models: Dict[str, Dict], baseline: str = BASELINE) -> str:
+    """Inference s/image and training s/iteration of every model (and test-time variant), with their ratios
+    to the baseline, all from one ``--time-only`` invocation."""
+    base = models.get(baseline) or {}
+    base_inf, base_train = inference_s_per_image(base), train_s_per_iter(base)
+    lines = [f"# Timing: {meta['dataset']}, {meta['threads']} threads, one invocation", "",
+             f"`{meta['command']}` (git {meta['git']}, started {meta['started']}, {meta['wall_s'] / 60:.1f} min). "
+             f"Final weights of each model, timed back to back: inference = median s/image at batch 1 on the val "
+             f"images; training = median s/iteration over {meta['timing_iters']} steps after a warm-up.", "",
+             "| model | inference s/img | × Mask R-CNN | train s/iter | × Mask R-CNN | train peak MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, result in models.items():
+        if not _ok(result):
+            lines.append(f"| {name} | {result.get('status')}: {result.get('message', '')} | | | | |")
+            continue
+        inf, train = inference_s_per_image(result), train_s_per_iter(result)
+        lines.append(f"| {name} | {_fmt(inf)} | {_fmt(_ratio(inf, base_inf), '.2f')} | {_fmt(train)} | "
+                     f"{_fmt(_ratio(train, base_train), '.2f')} | {_fmt(result['memory'].get('train_peak_mb'), '.0f')} |")
+        for variant, timing in (result.get("variants") or {}).items():
+            v_inf = timing["inference"]["s_per_image"]["median"]
+            lines.append(f"| {name} [{variant}] | {_fmt(v_inf)} | {_fmt(_ratio(v_inf, base_inf), '.2f')} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_timing(out_dir: str, meta: Dict, models: Dict[str, Dict]) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, v) for k, v in TIMING_FILES.items()}
+    with open(paths["json"], "w") as f:
+        json.dump(_finite({"timing": meta, "models": models}), f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(timing_markdown(meta, models))
+    return paths
+
+
 def main(argv: List[str] = None) -> int:
     """Rebuild the markdown table and the figure from a saved benchmark.json."""
     argv = sys.argv[1:] if argv is None else argv

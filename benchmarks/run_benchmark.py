@@ -214,6 +214,12 @@ def parse_args(argv=None):
                         help="reuse the result of every model of --out that already finished ok with the same spec "
                              "(config, options, measurement settings); run only the others (e.g. after a failure)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each model's model_final.pth")
+    parser.add_argument("--time-only", action="store_true",
+                        help="train nothing: re-time the final weights (model_final.pth, from a run with "
+                             "--keep-checkpoints) of every --models model of --out back to back, inference (and its "
+                             "test-time variants) and --timing-iters training steps; writes timing.{json,md} with "
+                             "ratios to Mask R-CNN")
+    parser.add_argument("--timing-iters", type=int, default=20, help="--time-only: timed training steps per model")
     parser.add_argument("--verbose", action="store_true", help="echo the models' full Detectron2 logs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config pairs applied to every model (after all of the above)")
@@ -265,7 +271,8 @@ def model_spec(name: str, args, work_dir: str) -> Dict:
 def run_worker(spec: Dict, verbose: bool) -> Dict:
     """Run worker.py on ``spec`` in a fresh process; echo its progress; return its result."""
     os.makedirs(spec["work_dir"], exist_ok=True)
-    spec_file = os.path.join(spec["work_dir"], "spec.json")
+    # the training spec stays in spec.json (--resume compares it); a --time-only spec goes beside it
+    spec_file = os.path.join(spec["work_dir"], "timing_spec.json" if spec.get("mode") == "time" else "spec.json")
     with open(spec_file, "w") as f:
         json.dump(spec, f, indent=1)
     if os.path.exists(spec["result_file"]):
@@ -317,8 +324,39 @@ def check_same_settings(models: Dict[str, Dict]) -> bool:
     return True
 
 
+def time_only(args, argv) -> int:
+    """``--time-only``: one invocation that re-times every model's saved final weights back to back."""
+    started = datetime.datetime.now().astimezone()
+    t0 = time.perf_counter()
+    models = {}
+    for i, name in enumerate(args.models):
+        work_dir = os.path.join(args.out, "runs", name)
+        try:
+            with open(os.path.join(work_dir, "spec.json")) as f:
+                spec = json.load(f)
+        except OSError:
+            models[name] = {"name": name, "status": "skipped", "message": f"no {work_dir}/spec.json: not trained"}
+            print(f"[bench] ({i + 1}/{len(args.models)}) {name}: skipped ({models[name]['message']})", flush=True)
+            continue
+        spec.update(mode="time", threads=args.threads, timing_iters=args.timing_iters,
+                    result_file=os.path.join(work_dir, "timing_result.json"))
+        print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)
+        models[name] = run_worker(spec, args.verbose)
+    meta = {"dataset": args.dataset, "out": args.out, "models": args.models, "threads": args.threads,
+            "timing_iters": args.timing_iters, "git": git_description(),
+            "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
+            "started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
+            "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}}
+    paths = report.write_timing(args.out, meta, models)
+    print(open(paths["markdown"]).read(), flush=True)
+    failed = [name for name, r in models.items() if r.get("status") == "failed"]
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.time_only:
+        return time_only(args, argv)
     if args.device == "cuda":
         import torch
 

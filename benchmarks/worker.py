@@ -179,16 +179,20 @@ def _trainer_class():
         The Trainer's training stream is seeded from ``cfg.SEED``, so every model sees the same
         images in the same order with the same augmentation."""
 
-        def __init__(self, cfg, memory: PeakMemory, label: str, print_period: int):
+        def __init__(self, cfg, memory: PeakMemory, label: str, print_period: int, timing_only: bool = False):
             self._memory = memory
             self._label = label
             self._print_period = print_period
+            self._timing_only = timing_only  # time the steps only: no evaluation, no checkpoints
             super().__init__(cfg)
 
         def build_hooks(self):
             self.step_clock = StepClock(self._memory, self.cfg.MODEL.DEVICE)
             default_hooks = [h for h in super().build_hooks() if h is not None]
             assert any(isinstance(h, hooks.EvalHook) for h in default_hooks)
+            if self._timing_only:
+                default_hooks = [h for h in default_hooks
+                                 if not isinstance(h, (hooks.EvalHook, hooks.PeriodicCheckpointer))]
             printer = ProgressPrinter(self._label, self.step_clock, self._print_period, self.cfg.TEST.EVAL_PERIOD)
             return [self.step_clock, *default_hooks, printer]
 
@@ -504,6 +508,67 @@ def run(spec: Dict) -> Dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------- timing only
+def time_model(spec: Dict) -> Dict:
+    """``--time-only``: re-time a trained model's final weights (``<work_dir>/model_final.pth``): inference
+    at batch 1 (and each test-time variant's), then ``timing_iters`` training steps from those weights
+    (the first ``train_warmup`` left out). Nothing is evaluated or saved; the result has no AP."""
+    torch.set_num_threads(spec["threads"])
+    import mnc_d2  # noqa: F401
+    from mnc_d2.engine import setup_cfg
+
+    weights = os.path.join(spec["work_dir"], "model_final.pth")
+    result = {"name": spec["name"], "label": spec["label"], "status": "ok", "message": "", "weights": weights}
+    if not os.path.exists(weights):
+        result.update(status="skipped", message=f"{weights} does not exist (train with --keep-checkpoints)")
+        progress(f"{spec['label']}: SKIPPED ({result['message']})")
+        return result
+    if spec.get("val_subset"):
+        register_val_subset(**spec["val_subset"])
+    iters = spec["timing_iters"] + spec["train_warmup"]
+    out_dir = os.path.join(spec["work_dir"], "timing")
+    opts = [*spec["opts"], "OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0"]
+    cfg = setup_cfg(argparse.Namespace(config_file=spec["config_file"], opts=opts, eval_only=False, resume=False))
+    device = cfg.MODEL.DEVICE
+    memory = PeakMemory(device)
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(cfg, memory, spec["label"], spec["print_period"], timing_only=True)
+    trainer.resume_or_load(resume=False)  # loads MODEL.WEIGHTS
+    model = trainer.model
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    val_name = cfg.DATASETS.TEST[0]
+    progress(f"{spec['label']}: timing inference at batch 1 on {val_name}")
+    inference = measure_inference(trainer_cls, cfg, model, val_name, spec["latency_images"], spec["latency_warmup"],
+                                  memory, device)
+    result["memory"] = {"method": memory.method, "inference_peak_mb": inference.pop("peak_mb")}
+    result["inference"] = inference
+    result["variants"] = {}
+    if cfg.MODEL.META_ARCHITECTURE == "MNC":
+        from mnc_d2.engine import build_cfg
+
+        for name, variant_opts in (spec.get("test_variants") or {}).items():
+            variant_cfg = build_cfg(spec["config_file"], [*opts, *variant_opts])
+            variant_model = trainer_cls.build_model(variant_cfg)
+            variant_model.load_state_dict(state)
+            timing = measure_inference(trainer_cls, variant_cfg, variant_model, val_name, spec["latency_images"],
+                                       spec["latency_warmup"], memory, device)
+            timing.pop("peak_mb")
+            result["variants"][name] = {"opts": list(variant_opts), "inference": timing}
+    progress(f"{spec['label']}: timing {iters} training iterations from the final weights")
+    model.train()
+    trainer.train()
+    clock = trainer.step_clock
+    warmup = min(spec["train_warmup"], max(0, len(clock.wall) - 1))
+    result["train"] = {"iters": len(clock.wall), "warmup_iters": warmup, "timed_iters": len(clock.wall) - warmup,
+                       "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "s_per_iter": _summary(clock.wall[warmup:]),
+                       "cpu_s_per_iter": _summary(clock.cpu[warmup:])}
+    result["memory"]["train_peak_mb"] = round(clock.peak_mb, 1)
+    progress(f"{spec['label']}: {result['train']['s_per_iter']['median']:.3f} s/iter, "
+             f"{inference['s_per_image']['median']:.3f} s/image")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="JSON spec written by run_benchmark.py")
@@ -511,7 +576,7 @@ def main(argv=None) -> int:
     with open(spec_file) as f:
         spec = json.load(f)
     try:
-        result = run(spec)
+        result = time_model(spec) if spec.get("mode") == "time" else run(spec)
     except Exception as e:
         traceback.print_exc()
         result = {"name": spec["name"], "label": spec["label"], "status": "failed",

@@ -269,3 +269,35 @@ def test_resume_reuses_only_finished_results_of_the_same_spec(tmp_path):
     other = run_benchmark.model_spec("mnc3", run_benchmark.parse_args(["--out", str(tmp_path), "--seed", "2"]),
                                      spec["work_dir"])
     assert run_benchmark.reusable_result(other) is None  # another seed: rerun
+
+
+# ---------------------------------------------------------------------------------------- --time-only, ablation
+def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_path):
+    from benchmarks import ablation
+
+    out = tmp_path / "bench"
+    common = [sys.executable, "-m", "benchmarks.run_benchmark", "--size", "tiny", "--out", str(out),
+              "--models", "mnc3,maskrcnn", "--variants", "no_voting"]
+    proc = subprocess.run([*common, "--keep-checkpoints"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    training_spec = (out / "runs" / "mnc3" / "spec.json").read_text()
+    proc = subprocess.run([*common, "--time-only", "--timing-iters", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timing = json.loads((out / "timing.json").read_text())
+    for name in ("mnc3", "maskrcnn"):
+        result = timing["models"][name]
+        assert result["status"] == "ok", result
+        assert result["train"]["timed_iters"] == 2 and result["train"]["s_per_iter"]["median"] > 0
+        assert result["inference"]["s_per_image"]["median"] > 0
+    assert set(timing["models"]["mnc3"]["variants"]) == {"no_voting"}
+    assert (out / "runs" / "mnc3" / "spec.json").read_text() == training_spec  # --resume still matches
+    assert not (out / "runs" / "mnc3" / "timing" / "model_final.pth").exists()  # nothing saved
+    text = (out / "timing.md").read_text()
+    assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text
+
+    table = ablation.markdown([str(out)])
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3  # mnc3, its variant, maskrcnn
+    maskrcnn_row = [r for r in rows if r.startswith("| `maskrcnn`")][0]
+    assert maskrcnn_row.rstrip(" |").endswith("1.00")  # its own train-time ratio
