@@ -5,6 +5,9 @@
     python train_net.py --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml --resume          # after a crash
     python train_net.py --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 
+A training run locks its OUTPUT_DIR (a second run there stops with an ERROR naming the holder); an
+--eval-only run writes under OUTPUT_DIR/eval/<time>-<pid>/ and needs no lock.
+
 Several processes (data parallel; SOLVER.IMS_PER_BATCH is the total over processes):
 
     python train_net.py --num-processes 2 --config-file ...      # CPU processes, Gloo (MODEL.DEVICE cpu)
@@ -39,7 +42,7 @@ def main(args):
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only: DATASETS.TEST is empty, there is nothing to evaluate.")
         model = Trainer.build_model(cfg)
-        load_weights_for_eval(cfg, model, resume=args.resume)
+        load_weights_for_eval(cfg, model, resume=args.resume, checkpoint_dir=args.run_dir)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 
 import torch
 
@@ -24,8 +25,28 @@ __all__ = ["AtomicCheckpointer", "atomic_open", "atomic_write_json", "first_non_
 
 logger = logging.getLogger(__name__)
 
-# Temporary files are ".<target name>.<pid>-<random>.partial" next to the target.
+# Temporary files are ".<target name>.<host>-<pid>-<random>.partial" next to the target.
 PARTIAL_SUFFIX = ".partial"
+_HOST = socket.gethostname().replace("-", "_").replace(".", "_")
+
+
+def _writer_is_gone(partial_path: str) -> bool:
+    """Whether the process that writes ``partial_path`` has ended: it ran on this host and its pid is
+    not alive. Files of other hosts, of live processes, or of an unknown writer are kept."""
+    try:
+        parts = os.path.basename(partial_path)[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1].split("-")
+        host, pid = (parts[0], int(parts[1])) if len(parts) == 3 else (_HOST, int(parts[0]))  # 2: before hosts
+    except (ValueError, IndexError):
+        return False
+    if host != _HOST:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _is_local(path: str) -> bool:
@@ -54,7 +75,8 @@ def atomic_open(path, mode: str = "wb"):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    tmp = os.path.join(directory,
+                       f".{os.path.basename(path)}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -156,11 +178,15 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
             f.write(last_filename_basename)
 
     def remove_partial_files(self) -> list:
-        """Delete the temporary files of saves that were killed. Returns their paths."""
+        """Delete the temporary files of saves that were killed (their writer is gone; the partial file of
+        a live run, e.g. one saving while ``--eval-only --resume`` reads its directory, stays). Returns
+        their paths."""
         if not (self.save_dir and self.save_to_disk and _is_local(self.save_dir)):
             return []
         removed = []
         for path in glob.glob(os.path.join(glob.escape(self.save_dir), "." + "*" + PARTIAL_SUFFIX)):
+            if not _writer_is_gone(path):
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
                 removed.append(path)
@@ -198,6 +224,8 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
     def _load_file(self, filename):
         try:
             return super()._load_file(filename)
+        except CheckpointError:
+            raise  # says what is wrong already (e.g. a file holding code)
         except Exception as e:
             raise CheckpointError(
                 f"Cannot read checkpoint {filename}: {type(e).__name__}: {e}. The file may be truncated "

@@ -3,6 +3,7 @@
 ``Trainer`` is D2's DefaultTrainer made reliable (see its docstring); ``setup_cfg`` turns config
 mistakes into a :class:`~mnc_d2.errors.ConfigError` that names the file and the key.
 """
+import datetime
 import difflib
 import itertools
 import logging
@@ -29,6 +30,7 @@ from .data.validation import load_dataset_dicts
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, MNCError
 from .hooks import ReproducibleRNG
 from .launch import check_replicas_in_sync, ddp_device_kwargs
+from .run_lock import acquire_output_dir_lock
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
 
 __all__ = ["Trainer", "build_cfg", "setup_cfg", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
@@ -277,19 +279,21 @@ class Trainer(DefaultTrainer):
                 self.after_train()
 
 
-def load_weights_for_eval(cfg, model, resume: bool = False):
-    """Load the weights to evaluate: OUTPUT_DIR's last checkpoint with ``resume``, else ``MODEL.WEIGHTS``.
+def load_weights_for_eval(cfg, model, resume: bool = False, checkpoint_dir: str = None):
+    """Load the weights to evaluate: the last checkpoint of ``checkpoint_dir`` (default OUTPUT_DIR) with
+    ``resume``, else ``MODEL.WEIGHTS``.
 
     D2 0.6 evaluates a randomly initialised model when ``MODEL.WEIGHTS`` is empty; here that, and a
     missing or unreadable file, raise a :class:`CheckpointError` naming the key and the path.
     """
-    checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpoint_dir = checkpoint_dir or cfg.OUTPUT_DIR
+    checkpointer = AtomicCheckpointer(model, save_dir=checkpoint_dir)
     if resume and checkpointer.has_checkpoint():
         return checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
     if not cfg.MODEL.WEIGHTS:
         raise CheckpointNotFoundError(
             "--eval-only needs trained weights, but MODEL.WEIGHTS is empty"
-            + (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else "")
+            + (f" and {checkpoint_dir} has no last_checkpoint" if resume else "")
             + ": pass MODEL.WEIGHTS path/to/model_final.pth (or --resume to use OUTPUT_DIR/last_checkpoint)."
         )
     try:
@@ -415,13 +419,30 @@ def build_cfg(config_file: str, opts=()):
     return cfg
 
 
+def eval_output_dir(run_dir: str) -> str:
+    """A fresh folder under ``run_dir`` for one ``--eval-only`` run: ``<run_dir>/eval/<time>-<pid>``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(run_dir, "eval", f"{stamp}-{os.getpid()}")
+
+
 def setup_cfg(args):
     """:func:`build_cfg` from ``args.config_file`` and ``args.opts``, then D2's default_setup.
 
+    A training run first takes the lock of its OUTPUT_DIR (rank 0; :mod:`mnc_d2.run_lock`). An
+    ``--eval-only`` run takes none: it writes everything (config.yaml, log.txt, inference/) under its own
+    :func:`eval_output_dir` and reads checkpoints from the run directory, kept in ``args.run_dir``.
+
     Raises:
-        ConfigError: see :func:`build_cfg`.
+        ConfigError: see :func:`build_cfg`; or OUTPUT_DIR is held by another training run.
     """
     cfg = build_cfg(args.config_file, args.opts)
+    args.run_dir = cfg.OUTPUT_DIR
+    if getattr(args, "eval_only", False):
+        cfg.defrost()
+        cfg.OUTPUT_DIR = eval_output_dir(cfg.OUTPUT_DIR) if cfg.OUTPUT_DIR else cfg.OUTPUT_DIR
+        cfg.freeze()
+    elif cfg.OUTPUT_DIR and comm.is_main_process():
+        acquire_output_dir_lock(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mnc_d2", abbrev_name="mnc")
     return cfg

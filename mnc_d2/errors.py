@@ -18,6 +18,7 @@ __all__ = [
     "ImageSizeMismatchError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "UnsafeCheckpointError",
     "NonFiniteError",
 ]
 
@@ -63,6 +64,10 @@ class ImageSizeMismatchError(BadImageError, SizeMismatchError):
 
 class CheckpointError(MNCError, RuntimeError):
     """A checkpoint / weights file that cannot be loaded (corrupt, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A weights file that holds code or objects other than weights: refused, never executed."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

@@ -23,8 +23,9 @@ tensors), and :func:`warm_start_report` returns the same as a dict for programs 
 Files: a ``.pth`` (written by D2's checkpointer: the model's tensors, the trainer's state
 (iteration, LR scheduler and, with mnc_d2's Trainer, optimizer) and an ``iteration`` int) is read with ``torch.load(weights_only=True)``, which executes no
 pickled code. Legacy ``.pkl`` files (Detectron1 / Caffe2 ImageNet models such as ``R-50.pkl``, and
-D2 model-zoo ``model_final_*.pkl``) are pickled numpy arrays and go through D2's own pickle loader:
-load such files only from sources you trust.
+D2 model-zoo ``model_final_*.pkl``) are pickled numpy arrays: they go through D2's loader with an
+unpickler that builds only containers, numbers, strings and numpy arrays (:mod:`mnc_d2.safe_pickle`;
+``MNC_D2_TRUST_PICKLE=1`` for a trusted file that needs more).
 """
 import pickle
 from collections import OrderedDict
@@ -37,6 +38,8 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
+from .errors import UnsafeCheckpointError
+from .safe_pickle import weights_only_pickles
 from .modeling.roi_heads import rename_legacy_pathway_keys
 
 __all__ = [
@@ -231,17 +234,25 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename):
         if filename.endswith((".pkl", ".pyth")):
-            return super()._load_file(filename)  # legacy pickles: D2's loader (trusted files only)
+            # legacy pickles: D2's loader and format handling; .pkl through an unpickler that builds only
+            # weights (.pyth is torch.load, weights-only by default on torch >= 2.6)
+            from detectron2.checkpoint import detection_checkpoint
+
+            with weights_only_pickles(detection_checkpoint, filename):
+                return super()._load_file(filename)
         try:
             loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Unsupported global" not in str(e):
-                raise  # not a checkpoint, or a truncated one
-            raise RuntimeError(
-                f"{filename} holds objects other than tensors and plain containers, so it was not loaded "
-                "with torch.load(weights_only=True). If you trust the file, re-save its weights: "
+            # torch's weights-only unpickler refuses a global ("Unsupported global", "unsupported GLOBAL"
+            # in torch 2.14); anything else is a truncated or foreign file
+            if "global" not in str(e).lower():
+                raise
+            raise UnsafeCheckpointError(
+                f"{filename} contains code or objects that are not weights, so it was NOT loaded (read with "
+                f"torch.load(weights_only=True), which runs no code; it refused: {str(e).splitlines()[0][:200]}). "
+                "Use weights from a source you trust; to keep only the tensors of a file you trust, re-save them: "
                 "torch.save({'model': torch.load(path, weights_only=False)['model']}, new_path)"
-            ) from e
+            ) from None
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded

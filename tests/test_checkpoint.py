@@ -1,6 +1,8 @@
 """AtomicCheckpointer and the resumable Trainer: atomic writes, clear load errors, exact resumption."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,13 +82,27 @@ def test_failed_save_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert AtomicCheckpointer(nn.Linear(3, 2), str(tmp_path)).resume_or_load("", resume=True) == {}
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_resume_removes_partial_files_of_killed_saves(tmp_path):
+    from mnc_d2.checkpoint import _HOST
+
     checkpointer = _checkpointer(tmp_path)
     checkpointer.save("model_0000001")
-    leftover = tmp_path / ".model_0000003.pth.1234-abcd.partial"  # what a kill -9 mid-save leaves
-    leftover.write_bytes(b"\x00" * 10)
+    pid = _dead_pid()
+    leftover = tmp_path / f".model_0000003.pth.{_HOST}-{pid}-abcd.partial"  # what a kill -9 mid-save leaves
+    legacy = tmp_path / f".model_0000005.pth.{pid}-abcd.partial"  # the name before it held the host
+    live = tmp_path / f".model_0000007.pth.{_HOST}-{os.getpid()}-abcd.partial"  # a live run's save
+    other_host = tmp_path / f".model_0000009.pth.elsewhere-{pid}-abcd.partial"  # can't tell: kept
+    for path in (leftover, legacy, live, other_host):
+        path.write_bytes(b"\x00" * 10)
     checkpointer.resume_or_load("", resume=True)
-    assert not leftover.exists() and (tmp_path / "model_0000001.pth").exists()
+    assert not leftover.exists() and not legacy.exists() and (tmp_path / "model_0000001.pth").exists()
+    assert live.exists() and other_host.exists()
 
 
 def test_load_errors_name_the_file(tmp_path):

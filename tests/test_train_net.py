@@ -33,5 +33,6 @@ def test_train_then_eval_only(tmp_path):
     log = run_train_net("--eval-only", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
                         "OUTPUT_DIR", str(tmp_path / "eval"), env=env)
     assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
-    results = json.load(open(tmp_path / "eval" / "inference" / "mnc_shapes_tiny_val" / "coco_instances_results.json"))
+    (eval_dir,) = (tmp_path / "eval" / "eval").iterdir()  # an --eval-only run writes under OUTPUT_DIR/eval/<run>/
+    results = json.load(open(eval_dir / "inference" / "mnc_shapes_tiny_val" / "coco_instances_results.json"))
     assert results and {"segmentation", "bbox", "score", "category_id"} <= set(results[0])

@@ -51,4 +51,5 @@ def test_train_net_on_sbd_reports_mapr(tmp_path):
     log = run_train_net("--eval-only", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
                         "OUTPUT_DIR", str(tmp_path / "eval"), *OPTS, env=env)
     assert log.count("copypaste: Task: segm_mAPr") == 2
-    check_mapr_results(tmp_path / "eval" / "inference", "sbd_2012_val", {"person": 2, "dog": 2})
+    (eval_dir,) = (tmp_path / "eval" / "eval").iterdir()  # an --eval-only run writes under OUTPUT_DIR/eval/<run>/
+    check_mapr_results(eval_dir / "inference", "sbd_2012_val", {"person": 2, "dog": 2})
