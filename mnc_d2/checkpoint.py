@@ -8,11 +8,13 @@ fsync'ed and renamed over the target (``os.replace`` is atomic on POSIX), so the
 the old or the new complete file. ``last_checkpoint`` is renamed only after its checkpoint.
 """
 import contextlib
+import errno
 import glob
 import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 
 import torch
@@ -97,6 +99,42 @@ def atomic_write_json(path, obj) -> None:
         json.dump(obj, f)
 
 
+def _global_norm(state_dict) -> float:
+    """L2 norm over all floating-point tensors of a state dict."""
+    tensors = [t.detach().float() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return float(torch.stack([t.norm() for t in tensors]).norm()) if tensors else 0.0
+
+
+def _out_of_space(error: BaseException, directory: str) -> bool:
+    """Whether a failed write is a full disk: ENOSPC, or torch's "unexpected pos" (its zip writer's wording
+    for a short write) while the directory's file system has (almost) no space left."""
+    cause = error
+    while cause is not None:  # torch's zip writer keeps the file's OSError as the context
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if "unexpected pos" in str(error) or "No space left" in str(error):
+        try:
+            return shutil.disk_usage(directory).free < (64 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _describe_misfit(report: dict) -> str:
+    """What of a checkpoint does not fit the model (from a warm-start report), NUM_CLASSES first."""
+    parts = []
+    for name, ckpt_shape, model_shape, _ in report["shape_mismatch"]:
+        if name.endswith("box_predictor.cls_score.weight"):
+            parts.append(f"it was trained for {ckpt_shape[0] - 1} classes, this config has "
+                         f"MODEL.ROI_HEADS.NUM_CLASSES {model_shape[0] - 1}")
+    shapes = [f"{n} is {tuple(c)} there, {tuple(m)} here" for n, c, m, _ in report["shape_mismatch"][:3]]
+    missing = [n for n, _, _ in report["missing"][:3]]
+    parts += shapes + ([f"it lacks {', '.join(missing)}" + (" ..." if len(report["missing"]) > 3 else "")]
+                       if missing else [])
+    return "; ".join(parts) + ". Use the config the checkpoint was trained with (its OUTPUT_DIR/config.yaml)."
+
+
 def first_non_finite(state_dict):
     """Name of the first floating-point tensor in ``state_dict`` holding NaN or Inf, else None."""
     for name, value in state_dict.items():
@@ -166,9 +204,45 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        with atomic_open(save_file, "wb") as f:
-            torch.save(data, f)
+        try:
+            with atomic_open(save_file, "wb") as f:
+                torch.save(data, f)
+        except (OSError, RuntimeError) as e:
+            if not _out_of_space(e, self.save_dir):
+                raise
+            raise CheckpointError(
+                f"No space left on device while writing {save_file}; nothing of it was kept, and the previous "
+                f"checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. Free space in {self.save_dir}, "
+                "then continue with --resume."
+            ) from None
+        unhealthy = self._why_not_promote(data["model"])
+        if unhealthy:
+            self.logger.warning(f"{save_file} was written but last_checkpoint still names "
+                                f"{self.get_checkpoint_file() or 'none'}: {unhealthy}")
+            return
+        self._promoted_norm = _global_norm(data["model"])
         self.tag_last_checkpoint(basename)
+
+    # A checkpoint becomes last_checkpoint only while training looks healthy (docs/troubleshooting.md):
+    LOSS_JUMP = 10.0  # the loss of its iteration <= LOSS_JUMP x the median loss of the earlier iterations
+    NORM_JUMP = 10.0  # its weights' L2 norm <= NORM_JUMP x that of the last promoted checkpoint
+    _promoted_norm = None
+
+    def _why_not_promote(self, state_dict) -> str:
+        """Why the checkpoint just written must not become last_checkpoint ("" = it may)."""
+        trainer = self.checkpointables.get("trainer")
+        storage = getattr(trainer, "storage", None) if trainer is not None else None
+        if storage is not None and "total_loss" in storage.histories():
+            losses = [v for v, _ in storage.history("total_loss").values()]
+            earlier = sorted(losses[:-1])
+            if len(earlier) >= 5 and losses[-1] > self.LOSS_JUMP * earlier[len(earlier) // 2]:
+                return (f"its iteration's loss {losses[-1]:.4g} is more than {self.LOSS_JUMP:g}x the median "
+                        f"{earlier[len(earlier) // 2]:.4g} of the earlier iterations (diverging?)")
+        norm = _global_norm(state_dict)
+        if self._promoted_norm and norm > self.NORM_JUMP * self._promoted_norm:
+            return (f"its weights' norm {norm:.4g} is more than {self.NORM_JUMP:g}x that of the last good "
+                    f"checkpoint ({self._promoted_norm:.4g}; diverging?)")
+        return ""
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         save_file = os.path.join(self.save_dir, "last_checkpoint")
@@ -195,7 +269,23 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
         return removed
 
     def resume_or_load(self, path: str, *, resume: bool = True):
-        self.remove_partial_files()
+        try:
+            self.remove_partial_files()
+            return self._resume_or_load(path, resume=resume)
+        finally:  # the reference of the norm rule: the weights training starts from
+            self._promoted_norm = _global_norm(self.model.state_dict())
+
+    # Resuming and evaluating need every tensor of the model from the file (a warm start may leave some fresh).
+    require_complete = False
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        report = self.last_report or {}
+        if self.require_complete and report.get("fresh"):
+            raise CheckpointError(f"{self._source} does not fit this model: {_describe_misfit(report)}")
+        return incompatible
+
+    def _resume_or_load(self, path: str, *, resume: bool):
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
             if _is_local(last) and not os.path.isfile(last):
@@ -204,7 +294,11 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
                     "does not exist. Point last_checkpoint at an existing model_*.pth in that directory, "
                     "or delete it to start from MODEL.WEIGHTS."
                 )
-            return self.load(last)
+            previous, self.require_complete = self.require_complete, True
+            try:
+                return self.load(last)
+            finally:
+                self.require_complete = previous
         if resume:
             self.logger.info(f"No last_checkpoint in {self.save_dir}: starting from MODEL.WEIGHTS={path!r}")
         return self.load(path, checkpointables=[])

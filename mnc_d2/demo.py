@@ -10,7 +10,11 @@ Writes into ``--output``: ``<image name>.png`` per image, ``<video name>.mp4`` p
 the dataset ``cfg.DATASETS.TEST[0]`` where they can be known: :func:`dataset_category_ids`) and ``image_ids.json`` (input image or ``video#frame`` -> the
 ``image_id`` used in the results). Images named by a number (COCO's ``000000000139.jpg``) keep that
 number as their id, so results on COCO val images can be scored against the official annotations.
-Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.WEIGHTS, MODEL.DEVICE).
+Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.WEIGHTS, MODEL.DEVICE). Images are
+read as training reads them (16-bit microscopy frames by the same percentile rule). An input that cannot
+be read is skipped with a warning naming it; the results of everything that worked are written
+(atomically) at the end, with a one-line summary. The exit status is 0 unless nothing could be
+processed (1) or the command line, config, weights or output directory cannot be used (2, one ERROR line).
 """
 import argparse
 import glob
@@ -24,9 +28,7 @@ import cv2
 import torch
 import tqdm
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
@@ -34,7 +36,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from .config import add_mnc_config
+from .checkpoint import atomic_write_json
+from .data.mapper import read_image
+from .errors import BadImageError, ConfigError, MissingInputError, MNCError
 
 __all__ = ["MNCDemo", "dataset_category_ids", "expand_inputs", "get_parser", "main", "setup_cfg"]
 
@@ -59,14 +63,27 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_mnc_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    """The config of ``--config-file`` and ``--opts`` (errors name the file or the option, as train_net's)."""
+    from .engine import build_cfg
+
+    if len(args.opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {args.opts}")
+    cfg = build_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: add --opts MODEL.DEVICE cpu")
+        raise ConfigError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: add --opts MODEL.DEVICE cpu")
     return cfg
+
+
+def check_output_dir(directory: str) -> None:
+    """Create ``directory`` and check that files can be written there, before any inference."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".mnc_d2_demo_write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--output {directory}: cannot write there ({e.strerror or e}).") from None
 
 
 def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
@@ -85,7 +102,7 @@ def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
         else:
             paths = []
         if not paths:
-            raise FileNotFoundError(f"--input {pattern!r} matches no image or video file")
+            raise MissingInputError(f"--input {pattern!r} matches no image or video file")
         for path in paths:
             (videos if path.lower().endswith(VIDEO_EXTENSIONS) else images).append(path)
     return images, videos
@@ -188,34 +205,60 @@ class MNCDemo:
         return results
 
 
-def main(argv=None) -> List[dict]:
-    args = get_parser().parse_args(argv)
-    setup_logger(name="mnc_d2")
-    setup_logger(name="fvcore")
+def run(args) -> Tuple[List[dict], int, List[str]]:
+    """The demo on ``args``: (COCO results, inputs done, inputs skipped with their reasons)."""
     cfg = setup_cfg(args)
     images, videos = expand_inputs(args.input)
-    os.makedirs(args.output, exist_ok=True)
+    check_output_dir(args.output)
     demo = MNCDemo(cfg, args.confidence_threshold)
 
     image_ids = _image_ids(images)
-    results, taken = [], set()
+    results, taken, done, skipped = [], set(), 0, []
     for path in tqdm.tqdm(images, desc="images", unit="image", disable=not images):
-        image = read_image(path, format="BGR")
+        try:
+            image = read_image(path, format="BGR")
+        except BadImageError as e:
+            skipped.append(f"{path}: {e}")
+            logger.warning(f"Skipping {path}: {e}")
+            continue
         instances = demo.predict(image)
+        out_file = os.path.join(args.output, _unique_name(path, ".png", taken))
+        if not cv2.imwrite(out_file, demo.draw(image, instances)):
+            raise ConfigError(f"--output {args.output}: cannot write {out_file}.")
         results.extend(demo.coco_results(instances, image_ids[path]))
-        cv2.imwrite(os.path.join(args.output, _unique_name(path, ".png", taken)), demo.draw(image, instances))
+        done += 1
     next_id = max(image_ids.values(), default=-1) + 1
     for path in videos:
         frames_before = len(image_ids)
-        results.extend(demo.run_on_video(path, os.path.join(args.output, _unique_name(path, ".mp4", taken)),
-                                         next_id, image_ids))
+        try:
+            results.extend(demo.run_on_video(path, os.path.join(args.output, _unique_name(path, ".mp4", taken)),
+                                             next_id, image_ids))
+            done += 1
+        except RuntimeError as e:
+            skipped.append(f"{path}: {e}")
+            logger.warning(f"Skipping {path}: {e}")
         next_id += len(image_ids) - frames_before
 
-    with open(os.path.join(args.output, "coco_results.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(args.output, "image_ids.json"), "w") as f:
-        json.dump(image_ids, f, indent=1)
-    logger.info(f"{len(images)} images, {len(videos)} videos, {len(results)} detections -> {args.output}")
+    atomic_write_json(os.path.join(args.output, "coco_results.json"), results)
+    atomic_write_json(os.path.join(args.output, "image_ids.json"), image_ids)
+    return results, done, skipped
+
+
+def main(argv=None) -> List[dict]:
+    """Command line: exit status 0 (something processed), 1 (nothing could be), 2 (an ERROR line)."""
+    args = get_parser().parse_args(argv)
+    setup_logger(name="mnc_d2")
+    setup_logger(name="fvcore")
+    try:
+        results, done, skipped = run(args)
+    except MNCError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"{done} input(s) done, {len(skipped)} skipped, {len(results)} detections -> {args.output}", flush=True)
+    if skipped:
+        print("skipped: " + "; ".join(skipped), flush=True)
+    if not done:
+        sys.exit(1)
     return results
 
 

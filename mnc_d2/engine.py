@@ -145,6 +145,9 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
             setup_logger()
+        if cfg.TEST.EVAL_PERIOD >= 0:  # the test sets are evaluated after training: check them before it
+            for name in cfg.DATASETS.TEST:
+                load_dataset_dicts([name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
@@ -288,6 +291,7 @@ def load_weights_for_eval(cfg, model, resume: bool = False, checkpoint_dir: str 
     """
     checkpoint_dir = checkpoint_dir or cfg.OUTPUT_DIR
     checkpointer = AtomicCheckpointer(model, save_dir=checkpoint_dir)
+    checkpointer.require_complete = True  # evaluating tensors the file did not fill would be meaningless
     if resume and checkpointer.has_checkpoint():
         return checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
     if not cfg.MODEL.WEIGHTS:
@@ -395,9 +399,24 @@ def _merge_opts(cfg, opts) -> None:
 
 
 def _check_values(cfg) -> None:
-    if cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE not in ("skip", "raise"):
-        raise ConfigError(f"MNC_RELIABILITY.BAD_TRAIN_IMAGE must be 'skip' or 'raise', got "
-                          f"{cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE!r}")
+    """Values the model would reject deep in its constructor, reported as the config key."""
+    mnc = cfg.MODEL.MNC
+    problems = {
+        "MNC_RELIABILITY.BAD_TRAIN_IMAGE": (cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE not in ("skip", "raise"),
+                                            "must be 'skip' or 'raise'"),
+        "MODEL.MNC.NUM_STAGES": (mnc.NUM_STAGES not in (3, 5), "must be 3 or 5"),
+        "MODEL.MNC.MASK_HEAD.CONV_KERNEL": (mnc.MASK_HEAD.CONV_KERNEL not in (1, 3, 5, 7), "must be 1, 3, 5 or 7"),
+        "MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP": (mnc.BOX_GRADIENTS.DELTA_CLIP < 0, "must be >= 0 (0 = off)"),
+        "MODEL.MNC.FINAL_MASK_HEAD.NAME": (bool(mnc.FINAL_MASK_HEAD.NAME) and not mnc.TEST.MASKS_ON_FINAL_BOXES,
+                                           "needs MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True (it predicts the masks "
+                                           "on the final boxes)"),
+    }
+    for key, (bad, rule) in problems.items():
+        if bad:
+            value = cfg
+            for part in key.split("."):
+                value = value[part]
+            raise ConfigError(f"{key} {rule}, got {value!r}")
 
 
 def build_cfg(config_file: str, opts=()):

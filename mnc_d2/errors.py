@@ -11,6 +11,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 __all__ = [
     "MNCError",
     "ConfigError",
+    "MissingInputError",
     "DatasetError",
     "BadImageError",
     "ImageNotFoundError",
@@ -29,6 +30,10 @@ class MNCError(Exception):
 
 class ConfigError(MNCError, ValueError):
     """A config file or command-line option that cannot be used (unknown key, wrong type, bad value)."""
+
+
+class MissingInputError(ConfigError, FileNotFoundError):
+    """A file or pattern named on the command line (e.g. the demo's ``--input``) matches nothing."""
 
 
 class DatasetError(MNCError, ValueError):

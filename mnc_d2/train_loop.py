@@ -84,7 +84,12 @@ class _NonFiniteGuard:
         super()._write_metrics(loss_dict, data_time, prefix)
 
     def run_step(self):
-        super().run_step()
+        try:
+            super().run_step()
+        except FloatingPointError as e:  # D2's own checks (e.g. the RPN's "Predicted boxes or scores contain Inf/NaN")
+            if isinstance(e, NonFiniteError):
+                raise
+            raise NonFiniteError(f"Non-finite values at iteration {self.iter}: {e} {_ADVICE}") from e
         bad = non_finite_parameters(self.model)
         if bad:  # identical on every process: DDP keeps the replicas equal
             names = ", ".join(bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")

@@ -38,7 +38,7 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from .errors import UnsafeCheckpointError
+from .errors import CheckpointError, UnsafeCheckpointError
 from .safe_pickle import weights_only_pickles
 from .modeling.roi_heads import rename_legacy_pathway_keys
 
@@ -238,8 +238,17 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
             # weights (.pyth is torch.load, weights-only by default on torch >= 2.6)
             from detectron2.checkpoint import detection_checkpoint
 
-            with weights_only_pickles(detection_checkpoint, filename):
-                return super()._load_file(filename)
+            try:
+                with weights_only_pickles(detection_checkpoint, filename):
+                    loaded = super()._load_file(filename)
+                if not isinstance(loaded.get("model"), dict):
+                    raise TypeError(f"its weights are a {type(loaded.get('model')).__name__}, not a dict")
+                return loaded
+            except (UnsafeCheckpointError, FileNotFoundError):
+                raise
+            except Exception as e:  # D2 assumes the layout of a weights file: say what was found instead
+                raise CheckpointError(f"{filename} is not a Detectron2 / Detectron weights file "
+                                      f"({type(e).__name__}: {e}).") from e
         try:
             loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:

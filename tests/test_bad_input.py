@@ -192,6 +192,7 @@ def test_malformed_annotations_are_dropped(files):
     bad.append(dict(good, segmentation={"size": [SIZE, SIZE], "counts": "garbage!!"}))
     bad.append(dict(good, segmentation="not a mask"))
     bad.append({k: v for k, v in good.items() if k != "segmentation"})
+    bad.append(dict(good, bbox=[32.0, 32.0, -64.0, 64.0]))  # negative width: D2 would make it [0, 32, 32, 96]
     degenerate = [dict(good, bbox=[20.0, 20.0, 0.0, 0.0]),  # zero area
                   dict(good, bbox=[200.0, 200.0, 10.0, 10.0], segmentation=[[200.0, 200, 210, 200, 210, 210]])]  # outside
     kept = [good, dict(good, segmentation=_rle(square)), dict(good, segmentation=uncompressed)]
@@ -202,6 +203,7 @@ def test_malformed_annotations_are_dropped(files):
     assert torch.isfinite(instances.gt_boxes.tensor).all()
     assert instances.gt_masks.tensor.shape == (len(kept), SIZE, SIZE)
     assert all(int(m.sum()) == 32 * 32 for m in instances.gt_masks.tensor)
+    assert instances.gt_boxes.tensor.tolist() == [[16.0, 16.0, 48.0, 48.0]] * len(kept)  # no clipped negative box
 
 
 def _uncompressed_counts(mask):

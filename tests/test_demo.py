@@ -1,6 +1,7 @@
 """The demo CLI (``python -m mnc_d2.demo``) on images and a video, with a checkpoint the test writes."""
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -106,3 +107,70 @@ def test_dataset_category_ids(tmp_path):
     assert dataset_category_ids(Metadata(json_file=str(json_file))) == {0: 2, 1: 7}
     assert dataset_category_ids(Metadata(evaluator_type="lvis", thing_classes=["a", "b"])) == {0: 1, 1: 2}
     assert dataset_category_ids(Metadata(json_file=str(tmp_path / "missing.json"))) is None
+
+
+# ---------------------------------------------------------------------------------------- bad input (round two)
+def _demo(inputs_, out, weights, *extra):
+    cmd = [sys.executable, "-m", "mnc_d2.demo", "--config-file", CONFIG, "--input", *map(str, inputs_),
+           "--output", str(out), "--confidence-threshold", "0.01", *extra, "--opts", "MODEL.WEIGHTS", weights,
+           *map(str, SMALL_OPTS)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_a_corrupt_image_is_skipped_and_the_others_are_written(inputs, tmp_path):
+    root, images, _, weights = inputs
+    broken = tmp_path / "broken.jpg"
+    ok, jpeg = cv2.imencode(".jpg", np.full((*SIZE, 3), 90, np.uint8))
+    broken.write_bytes(jpeg.tobytes()[: len(jpeg) // 2])  # a truncated JPEG
+    good = sorted(str(p) for p in Path(images).iterdir())
+    proc = _demo([good[0], broken, good[1]], tmp_path / "out", weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 input(s) done, 1 skipped" in proc.stdout and str(broken) in proc.stdout + proc.stderr
+    ids = json.loads((tmp_path / "out" / "image_ids.json").read_text())
+    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {ids[good[0]], ids[good[1]]}
+    assert sorted(os.listdir(tmp_path / "out")) == ["coco_results.json", "image_ids.json", "shape_0.png", "shape_1.png"]
+
+
+def test_nothing_processable_exits_1_and_command_line_errors_exit_2(inputs, tmp_path):
+    root, images, _, weights = inputs
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    proc = _demo([notes], tmp_path / "out", weights)
+    assert proc.returncode == 1 and "0 input(s) done, 1 skipped" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for args, expected in (([tmp_path / "missing*.png"], "matches no image"),
+                           ([images], "cannot write there")):
+        out = blocker / "sub" if expected == "cannot write there" else tmp_path / "out2"
+        proc = _demo(args, out, weights)
+        error = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+        assert proc.returncode == 2 and len(error) == 1 and expected in error[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mnc_d2.demo", "--config-file", CONFIG, "--input", images,
+                           "--output", str(tmp_path / "out3"), "--opts", "MODEL.WEIGHTS"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "KEY VALUE" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_16_bit_images_are_read_by_the_training_rule(inputs, tmp_path):
+    """A HeLa-range 16-bit frame gives the detections of its percentile-normalised 8-bit twin, the way the
+    HeLa training crops were made (before: read as all white)."""
+    from mnc_d2.data.label_images import normalize_to_uint8
+    from mnc_d2.data.mapper import read_image
+
+    _, _, _, weights = inputs
+    rng = np.random.default_rng(0)
+    frame = (33000 + rng.integers(0, 4000, SIZE)).astype(np.uint16)
+    frame[20:60, 30:90] += 20000  # a bright object
+    sixteen = tmp_path / "frame16.png"
+    cv2.imwrite(str(sixteen), frame)
+    eight = tmp_path / "frame8.png"
+    cv2.imwrite(str(eight), normalize_to_uint8(frame))
+    assert np.array_equal(read_image(str(sixteen), "BGR"), read_image(str(eight), "BGR"))
+    assert read_image(str(sixteen), "BGR").std() > 20  # not flat
+    outs = [tmp_path / "o16", tmp_path / "o8"]
+    for path, out in zip((sixteen, eight), outs):
+        assert _demo([path], out, weights).returncode == 0
+    first, second = (json.loads((o / "coco_results.json").read_text()) for o in outs)
+    assert first == second

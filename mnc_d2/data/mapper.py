@@ -36,6 +36,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 
+from .label_images import normalize_to_uint8
 from ..errors import BadImageError, CorruptImageError, DatasetError, ImageNotFoundError, ImageSizeMismatchError
 
 __all__ = ["RobustDatasetMapper", "read_image", "check_image_size", "sanitize_annotation"]
@@ -50,21 +51,15 @@ _SUPPORTED_BOX_MODES = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer / float grayscale -> 8-bit "L". PIL's own convert clips them at 255
-    (nearly every pixel of a 16-bit image would be white); here the full type range maps to 0..255."""
-    if image.mode.startswith("I;16"):
-        array = np.asarray(image).astype(np.float64) / 257.0  # 65535 -> 255
-    elif image.mode == "I":  # 32-bit signed; 16-bit PNGs often open as "I"
-        array = np.asarray(image).astype(np.float64)
-        array = array / 257.0 if array.max(initial=0) > 255 else array
-    elif image.mode == "F":  # float: [0, 1] images scale up, others are taken as 0..255
-        array = np.asarray(image).astype(np.float64)
-        finite = array[np.isfinite(array)]
-        array = array * 255.0 if finite.size and finite.max() <= 1.0 else array
-        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
-    else:
+    """16-bit / 32-bit integer / float grayscale -> 8-bit "L" by the project's one rule,
+    :func:`~mnc_d2.data.label_images.normalize_to_uint8` (each image's [1, 99.8] percentile range to 0..255,
+    the rule that made the HeLa training crops). PIL's own convert clips at 255 (nearly every pixel of a
+    16-bit image would be white), and a fixed 65535 -> 255 scaling turns microscopy frames (values
+    33000-37000) flat grey."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
         return image
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    array = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return Image.fromarray(normalize_to_uint8(array), mode="L")
 
 
 def read_image(file_name: str, format=None) -> np.ndarray:
@@ -152,6 +147,9 @@ def sanitize_annotation(annotation: dict, image_hw, use_instance_mask: bool = Tr
         return None, f"bbox {box.tolist()} is not finite"
     if annotation.get("bbox_mode") not in _SUPPORTED_BOX_MODES:
         return None, f"bbox_mode {annotation.get('bbox_mode')!r} is not XYXY_ABS or XYWH_ABS"
+    width, height = (box[2], box[3]) if annotation["bbox_mode"] == BoxMode.XYWH_ABS else (box[2] - box[0], box[3] - box[1])
+    if width < 0 or height < 0:  # D2 would clip it into another, wrong box with no warning
+        return None, f"bbox {box.tolist()} has a negative width or height"
     annotation["bbox"] = box.tolist()
 
     if not use_instance_mask:
