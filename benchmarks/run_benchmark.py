@@ -298,6 +298,17 @@ def run_worker(spec: Dict, verbose: bool) -> Dict:
             "message": f"worker exited with code {proc.returncode} without a result; see {log_file}"}
 
 
+def _portable(spec: Dict) -> str:
+    """The spec with the repository and the run folder written as placeholders, so that results committed
+    from another checkout (or moved with their --out folder) are still recognised by --resume."""
+    out_dir = os.path.dirname(os.path.dirname(spec["work_dir"]))  # <out>/runs/<model>
+    text = json.dumps(spec, sort_keys=True)
+    for path, placeholder in ((spec["work_dir"], "<work_dir>"), (out_dir, "<out>"), (spec["config_file"].split(
+            "/configs/")[0], "<repo>")):
+        text = text.replace(path, placeholder)
+    return text
+
+
 def reusable_result(spec: Dict) -> Optional[Dict]:
     """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec."""
     spec_file = os.path.join(spec["work_dir"], "spec.json")
@@ -308,7 +319,7 @@ def reusable_result(spec: Dict) -> Optional[Dict]:
             result = json.load(f)
     except (OSError, ValueError):
         return None
-    if result.get("status") != "ok" or saved_spec != json.loads(json.dumps(spec)):
+    if result.get("status") != "ok" or _portable(saved_spec) != _portable(json.loads(json.dumps(spec))):
         return None
     result["reused"] = True
     return result

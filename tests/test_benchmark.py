@@ -270,6 +270,15 @@ def test_resume_reuses_only_finished_results_of_the_same_spec(tmp_path):
                                      spec["work_dir"])
     assert run_benchmark.reusable_result(other) is None  # another seed: rerun
 
+    moved = tmp_path / "elsewhere"  # the --out folder committed, or moved: its finished results still count
+    os.makedirs(moved / "runs" / "mnc3")
+    saved = json.loads(json.dumps(spec).replace(str(tmp_path), str(moved)).replace(run_benchmark.REPO, "/old/clone"))
+    for name, content in (("spec.json", saved), ("result.json", ok)):
+        with open(moved / "runs" / "mnc3" / name, "w") as f:
+            json.dump(content, f)
+    here = run_benchmark.model_spec("mnc3", run_benchmark.parse_args(["--out", str(moved)]), str(moved / "runs" / "mnc3"))
+    assert run_benchmark.reusable_result(here)["status"] == "ok"
+
 
 # ---------------------------------------------------------------------------------------- --time-only, ablation
 def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_path):
