@@ -74,6 +74,14 @@ def cfg():
     return small_cfg()
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the train_net.py / demo subprocesses of one test module: its own dataset cache; one
+    thread (bit-exact comparisons need the same thread count in every run, and the machine is shared)."""
+    cache = tmp_path_factory.mktemp("mnc_d2_cache")
+    return dict(os.environ, MNC_D2_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
 @pytest.fixture
 def register_tiny_shapes(tmp_path):
     """Factory: register a small 64-px synthetic-shapes dataset under ``<prefix>_<pid>`` (generated into

@@ -51,13 +51,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("mnc_d2_cache")
-    # one thread: bit-exact comparisons need the same thread count in every run (and the machine is shared)
-    return dict(os.environ, MNC_D2_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 def _command(out_dir, *flags, runner=None):
     prefix = [sys.executable] + ([str(runner)] if runner else [])
     return prefix + [os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *flags, *TINY, "OUTPUT_DIR", str(out_dir)]

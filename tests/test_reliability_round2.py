@@ -37,12 +37,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("mnc_d2_cache")
-    return dict(os.environ, MNC_D2_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 def _train(out_dir, env, *opts, runner=None):
     prefix = [sys.executable] + ([str(runner)] if runner else [])
     return subprocess.run(prefix + [os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *TINY, *opts,

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
 from conftest import REPO, TINY_TRAIN_NET_OPTS
@@ -38,12 +37,6 @@ torch.save = paused_save
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("mnc_d2_cache")
-    return dict(os.environ, MNC_D2_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _command(out_dir, *opts, runner=None, flags=()):

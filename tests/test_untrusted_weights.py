@@ -24,12 +24,6 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("mnc_d2_cache")
-    return dict(os.environ, MNC_D2_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 def _eval_only(weights, out_dir, env):
     return subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--eval-only",
                            *TINY_TRAIN_NET_OPTS, "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out_dir)],
