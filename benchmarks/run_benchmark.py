@@ -213,6 +213,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="reuse the result of every model of --out that already finished ok with the same spec "
                              "(config, options, measurement settings); run only the others (e.g. after a failure)")
+    parser.add_argument("--keep-diverged", action="store_true",
+                        help="with --resume: also reuse a model whose training diverged (NaN/Inf), instead of "
+                             "training it again")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each model's model_final.pth")
     parser.add_argument("--time-only", action="store_true",
                         help="train nothing: re-time the final weights (model_final.pth, from a run with "
@@ -309,8 +312,9 @@ def _portable(spec: Dict) -> str:
     return text
 
 
-def reusable_result(spec: Dict) -> Optional[Dict]:
-    """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec."""
+def reusable_result(spec: Dict, diverged_too: bool = False) -> Optional[Dict]:
+    """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec (with
+    ``diverged_too``, also a training that failed by diverging: a deterministic outcome, not a crash)."""
     spec_file = os.path.join(spec["work_dir"], "spec.json")
     try:
         with open(spec_file) as f:
@@ -319,7 +323,11 @@ def reusable_result(spec: Dict) -> Optional[Dict]:
             result = json.load(f)
     except (OSError, ValueError):
         return None
-    if result.get("status") != "ok" or _portable(saved_spec) != _portable(json.loads(json.dumps(spec))):
+    diverged = result.get("status") == "failed" and "training failed at iteration" in result.get("message", "") \
+        and ("Non-finite" in result["message"] or "diverged" in result["message"])
+    if not (result.get("status") == "ok" or (diverged_too and diverged)):
+        return None
+    if _portable(saved_spec) != _portable(json.loads(json.dumps(spec))):
         return None
     result["reused"] = True
     return result
@@ -384,7 +392,7 @@ def main(argv=None) -> int:
         t_model = time.perf_counter()
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: starting (log: {work_dir}/worker.log)", flush=True)
         spec = model_spec(name, args, work_dir)
-        reused = reusable_result(spec) if args.resume else None
+        reused = reusable_result(spec, args.keep_diverged) if args.resume else None
         if reused:
             models[name] = reused
             print(f"[bench] ({i + 1}/{len(args.models)}) {name}: reusing its result (--resume, same spec; "

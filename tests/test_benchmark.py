@@ -260,6 +260,11 @@ def test_resume_reuses_only_finished_results_of_the_same_spec(tmp_path):
     with open(os.path.join(spec["work_dir"], "spec.json"), "w") as f:
         json.dump(spec, f)
     ok = _fake_result("mnc3", 1.0, 0.2, 100, 20.0)
+    diverged = dict(ok, status="failed", message="training failed at iteration 34: NonFiniteError: Non-finite loss")
+    with open(spec["result_file"], "w") as f:
+        json.dump(diverged, f)
+    assert run_benchmark.reusable_result(spec) is None
+    assert run_benchmark.reusable_result(spec, diverged_too=True)["status"] == "failed"  # --keep-diverged
     for result, expected in ((dict(ok, status="failed"), None), (ok, "ok")):
         with open(spec["result_file"], "w") as f:
             json.dump(result, f)
