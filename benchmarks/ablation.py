@@ -76,12 +76,39 @@ def markdown(dirs: List[str]) -> str:
     return "\n".join(lines)
 
 
+def seeds_markdown(dirs: List[str]) -> str:
+    """Per model and seed: segm AP, or where training diverged; from several ``--seed`` runs' benchmark.json."""
+    by_model: Dict[str, Dict[int, str]] = {}
+    commands = []
+    for d in dirs:
+        with open(os.path.join(d, "benchmark.json")) as f:
+            bench = json.load(f)
+        seed = bench["benchmark"]["seed"]
+        commands.append(f"- seed {seed}: `{bench['benchmark']['command']}` (git {bench['benchmark']['git']})")
+        for name, result in bench["models"].items():
+            if result.get("status") == "ok":
+                cell = _fmt(result["eval"]["final"].get("segm", {}).get("AP"), ".1f")
+            else:
+                message = result.get("message", "")
+                cell = ("diverged at iteration " + message.split("iteration ")[1].split(":")[0]
+                        if "training failed at iteration" in message else result.get("status", "?"))
+            by_model.setdefault(name, {})[seed] = cell
+    seeds = sorted({s for cells in by_model.values() for s in cells})
+    lines = ["## Seeds: does training collapse?", "", "segm AP after the run, or where it diverged (NaN/Inf).", "",
+             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " ---: |" * len(seeds)]
+    for name, cells in by_model.items():
+        lines.append(f"| `{name}` | " + " | ".join(cells.get(s, "–") for s in seeds) + " |")
+    return "\n".join(lines + ["", *commands, ""])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", help="run_benchmark.py --out folders, one per dataset")
+    parser.add_argument("--seed-dirs", nargs="*", default=[],
+                        help="run_benchmark.py --out folders of the same models on other seeds (a collapse table)")
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args(argv)
-    text = markdown(args.dirs)
+    text = markdown(args.dirs) + ("\n" + seeds_markdown(args.seed_dirs) if args.seed_dirs else "")
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

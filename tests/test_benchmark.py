@@ -315,3 +315,16 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     assert len(rows) == 3  # mnc3, its variant, maskrcnn
     maskrcnn_row = [r for r in rows if r.startswith("| `maskrcnn`")][0]
     assert maskrcnn_row.rstrip(" |").endswith("1.00")  # its own train-time ratio
+
+
+def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
+    from benchmarks import ablation
+
+    for seed, paper in ((1, _fake_result("paper", 1.0, 0.2, 100, 61.5)),
+                        (2, dict(_fake_result("paper", 1.0, 0.2, 100, 0.0), status="failed",
+                                 message="training failed at iteration 48: NonFiniteError: Non-finite gradient"))):
+        os.makedirs(tmp_path / str(seed))
+        bench = {"benchmark": dict(FAKE_META, seed=seed), "models": {"paper": paper}}
+        (tmp_path / str(seed) / "benchmark.json").write_text(json.dumps(bench))
+    table = ablation.seeds_markdown([str(tmp_path / "1"), str(tmp_path / "2")])
+    assert "| `paper` | 61.5 | diverged at iteration 48 |" in table
