@@ -30,6 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BitMasks, BoxMode
 
+from mnc_d2.data.label_images import normalize_to_uint8
 from mnc_d2.data.mapper import RobustDatasetMapper, read_image
 from mnc_d2.data.validation import load_dataset_dicts
 from mnc_d2.engine import Trainer, load_weights_for_eval, setup_cfg
@@ -123,14 +124,22 @@ def test_unreadable_image_errors_name_the_file(files, kind, error):
 def test_other_image_modes_load_as_8bit_bgr(files, kind):
     image = read_image(str(files[kind]), "BGR")
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+    expected = _rgb_image()[:, :, 0]
+    if kind == "16bit":  # the project's one rule for deeper images: percentile normalisation
+        expected = normalize_to_uint8(expected.astype(np.uint16) * 257)
     if kind != "palette":  # a palette quantises colours
-        assert np.array_equal(image[:, :, 2], _rgb_image()[:, :, 0]), "red channel (BGR index 2) / gray value kept"
+        assert np.array_equal(image[:, :, 2], expected), "red channel (BGR index 2) / gray value kept"
 
 
-def test_16bit_scales_full_range(tmp_path):
-    path = tmp_path / "ramp16.png"
-    Image.fromarray(np.array([[0, 257 * 128, 65535]], dtype=np.uint16)).save(path)
-    assert read_image(str(path), "BGR")[0, :, 0].tolist() == [0, 128, 255]  # PIL alone would give 0, 255, 255
+def test_16bit_microscopy_range_is_stretched_not_flat(tmp_path):
+    """HeLa-like frames (values 33000-37000): a fixed 65535 -> 255 scaling made them flat grey (129-144),
+    PIL alone all white; the percentile rule (the one that made the HeLa training crops) spreads them."""
+    path = tmp_path / "frame16.png"
+    frame = np.linspace(33000, 37000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(frame).save(path)
+    image = read_image(str(path), "BGR")[:, :, 0]
+    assert np.array_equal(image, normalize_to_uint8(frame))
+    assert image.min() == 0 and image.max() == 255
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "not_an_image", "wrong_size"])
