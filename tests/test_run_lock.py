@@ -65,9 +65,10 @@ def test_second_run_is_refused_and_a_killed_holder_does_not_block(tmp_path, env)
     first = subprocess.Popen(_command(out_dir, "SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "100000"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     try:
-        _wait_for(lambda: (out_dir / "config.yaml").exists() and f"pid {first.pid}" in _holder(out_dir), first,
-                  "the first run's lock and config")
+        _wait_for(lambda: f"pid {first.pid}" in _holder(out_dir) and list(out_dir.glob("events.out.tfevents.*")),
+                  first, "the first run's lock and trainer")  # the trainer is built after config.yaml is written
         config_before = (out_dir / "config.yaml").read_text()
+        assert config_before
         second = subprocess.run(_command(out_dir, "SOLVER.MAX_ITER", "2", "SOLVER.BASE_LR", "0.005"),
                                 capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
