@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_NET_OPTS, small_cfg
+from conftest import PAUSED_SAVE_RUNNER, REPO, TINY_TRAIN_NET_OPTS, small_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
@@ -31,24 +31,6 @@ CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes
 # The instant test made smaller: 64 px images, a thinner model, 6 iterations, a checkpoint every 2.
 TINY = TINY_TRAIN_NET_OPTS + ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "2",
                               "SOLVER.STEPS", "(4,)"]
-
-# Runs train_net.py with torch.save slowed down at one iteration's checkpoint: it writes a few bytes,
-# touches a marker file and sleeps, so the test can kill the process in the middle of the save.
-SLOW_SAVE_RUNNER = """
-import os, pathlib, runpy, sys, time
-import torch
-_save = torch.save
-def slow_save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and obj.get("iteration") == int(os.environ["SLOW_SAVE_AT"]):
-        f.write(b"the first bytes of a checkpoint")
-        f.flush()
-        pathlib.Path(os.environ["SAVE_MARKER"]).touch()
-        time.sleep(600)
-    return _save(obj, f, *args, **kwargs)
-torch.save = slow_save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def _command(out_dir, *flags, runner=None):
@@ -118,10 +100,11 @@ def test_kill_at_random_moment_then_resume(tmp_path, env, baseline):
 def test_kill_during_checkpoint_save_then_resume(tmp_path, env, baseline):
     out_dir = tmp_path / "run"
     runner = tmp_path / "slow_save_runner.py"
-    runner.write_text(SLOW_SAVE_RUNNER)
+    runner.write_text(PAUSED_SAVE_RUNNER)
     marker = tmp_path / "saving"
     process = subprocess.Popen(_command(out_dir, runner=runner), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=dict(env, SLOW_SAVE_AT="3", SAVE_MARKER=str(marker)), cwd=REPO)
+                               env=dict(env, PAUSE_AT="3", SAVE_MARKER=str(marker),
+                                        CONTINUE_MARKER=str(tmp_path / "never")), cwd=REPO)
     try:
         _wait_for(marker, process)  # the save of iteration 3 has written its first bytes
     finally:

@@ -10,33 +10,12 @@ import time
 
 import yaml
 
-from conftest import REPO, TINY_TRAIN_NET_OPTS
+from conftest import PAUSED_SAVE_RUNNER, REPO, TINY_TRAIN_NET_OPTS
 
 from mnc_d2.run_lock import LOCK_NAME
 
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
 TINY = TINY_TRAIN_NET_OPTS + ["SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()"]
-
-# train_net.py whose torch.save of one iteration writes a few bytes, touches SAVE_MARKER and waits for
-# CONTINUE_MARKER before finishing the save: a run caught in the middle of saving a checkpoint.
-PAUSED_SAVE_RUNNER = """
-import os, pathlib, runpy, sys, time
-import torch
-_save = torch.save
-def paused_save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and obj.get("iteration") == int(os.environ["PAUSE_AT"]):
-        f.write(b"the first bytes")
-        f.flush()
-        pathlib.Path(os.environ["SAVE_MARKER"]).touch()
-        while not os.path.exists(os.environ["CONTINUE_MARKER"]):
-            time.sleep(0.05)
-        f.seek(0)
-        f.truncate()
-    return _save(obj, f, *args, **kwargs)
-torch.save = paused_save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def _command(out_dir, *opts, runner=None, flags=()):
