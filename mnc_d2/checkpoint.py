@@ -93,6 +93,22 @@ def atomic_open(path, mode: str = "wb"):
     _fsync_directory(directory)
 
 
+class _AtomicWrites:
+    """A path manager whose ``open`` for writing a local file is :func:`atomic_open` (fvcore's checkpointer
+    writes through ``self.path_manager.open``); everything else is the wrapped manager's."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def open(self, path, mode: str = "r", **kwargs):
+        if "w" in mode and _is_local(path):
+            return atomic_open(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+
 def atomic_write_json(path, obj) -> None:
     """``json.dump(obj)`` into ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "w") as f:
@@ -186,42 +202,40 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
     Non-local ``save_dir`` (a URI) falls back to D2's non-atomic writes.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path_manager = _AtomicWrites(self.path_manager)
+
     def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        if not _is_local(self.save_dir):
-            return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        bad = first_non_finite(data["model"])
-        if bad is not None:
+        """fvcore's save (written atomically through ``self.path_manager``), refusing NaN/Inf weights and
+        naming a full disk."""
+        bad = first_non_finite(self.model.state_dict())
+        if bad is not None and self.save_dir and self.save_to_disk:
             raise NonFiniteError(
                 f"Refusing to save checkpoint {name!r}: weight {bad!r} holds NaN/Inf. The last complete "
                 f"checkpoint ({self.get_checkpoint_file() or 'none'}) is unchanged."
             )
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
         try:
-            with atomic_open(save_file, "wb") as f:
-                torch.save(data, f)
+            super().save(name, **kwargs)
         except (OSError, RuntimeError) as e:
             if not _out_of_space(e, self.save_dir):
                 raise
             raise CheckpointError(
-                f"No space left on device while writing {save_file}; nothing of it was kept, and the previous "
-                f"checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. Free space in {self.save_dir}, "
-                "then continue with --resume."
+                f"No space left on device while writing {os.path.join(self.save_dir, name + '.pth')}; nothing of "
+                f"it was kept, and the previous checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. "
+                f"Free space in {self.save_dir}, then continue with --resume."
             ) from None
-        unhealthy = self._why_not_promote(data["model"])
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """fvcore's, called by ``save`` once the checkpoint is complete: skipped while training looks unhealthy."""
+        state_dict = self.model.state_dict()
+        unhealthy = self._why_not_promote(state_dict)
         if unhealthy:
-            self.logger.warning(f"{save_file} was written but last_checkpoint still names "
-                                f"{self.get_checkpoint_file() or 'none'}: {unhealthy}")
+            self.logger.warning(f"{os.path.join(self.save_dir, last_filename_basename)} was written but "
+                                f"last_checkpoint still names {self.get_checkpoint_file() or 'none'}: {unhealthy}")
             return
-        self._promoted_norm = _global_norm(data["model"])
-        self.tag_last_checkpoint(basename)
+        self._promoted_norm = _global_norm(state_dict)
+        super().tag_last_checkpoint(last_filename_basename)
 
     # A checkpoint becomes last_checkpoint only while training looks healthy (docs/troubleshooting.md):
     LOSS_JUMP = 10.0  # the loss of its iteration <= LOSS_JUMP x the median loss of the earlier iterations
@@ -243,13 +257,6 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
             return (f"its weights' norm {norm:.4g} is more than {self.NORM_JUMP:g}x that of the last good "
                     f"checkpoint ({self._promoted_norm:.4g}; diverging?)")
         return ""
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        if not _is_local(save_file):
-            return super().tag_last_checkpoint(last_filename_basename)
-        with atomic_open(save_file, "w") as f:
-            f.write(last_filename_basename)
 
     def remove_partial_files(self) -> list:
         """Delete the temporary files of saves that were killed (their writer is gone; the partial file of

@@ -4,26 +4,21 @@
 mistakes into a :class:`~mnc_d2.errors.ConfigError` that names the file and the key.
 """
 import datetime
-import difflib
 import itertools
 import logging
 import os
-import re
 import weakref
 
 import torch
-import yaml
 
-from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, default_setup
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
-from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer, atomic_open, atomic_write_json, trim_metrics_json
-from .config import add_mnc_config
+from .config_checks import build_cfg
 from .data.mapper import RobustDatasetMapper
 from .data.sampler import ResumableTrainingStream, RNGNeutralIterator
 from .data.validation import load_dataset_dicts
@@ -76,6 +71,8 @@ class AtomicCOCOEvaluator(COCOEvaluator):
             self._output_dir = self._atomic_output_dir
 
     def _eval_predictions(self, predictions, img_ids=None):
+        # Mirrors the file writing of D2 0.6's COCOEvaluator (evaluate, _eval_predictions): it opens the
+        # files in place through the global PathManager, which offers no per-evaluator seam.
         if self._atomic_output_dir:
             os.makedirs(self._atomic_output_dir, exist_ok=True)
             with atomic_open(os.path.join(self._atomic_output_dir, "instances_predictions.pth"), "wb") as f:
@@ -249,37 +246,32 @@ class Trainer(DefaultTrainer):
 
     def train(self):
         """D2's DefaultTrainer.train, plus the replica check in multi-process runs."""
-        self._run_loop(self.start_iter, self.max_iter)
+        train_logger = logging.getLogger("detectron2.engine.train_loop")
+        quiet = _MNCErrorWithoutTraceback(self)
+        train_logger.addFilter(quiet)
+        try:
+            results = super().train()
+        finally:
+            train_logger.removeFilter(quiet)
         if comm.get_world_size() > 1 and self.iter >= self.max_iter:
             check_replicas_in_sync(self.model)
-        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
-            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
-            verify_results(self.cfg, self._last_eval_results)
-            return self._last_eval_results
+        return results
 
-    def _run_loop(self, start_iter, max_iter):
-        # D2 0.6's TrainerBase.train, except that an MNCError (bad data, NaN loss) is logged as its
-        # message: it names the problem, a traceback would only bury it.
-        train_logger = logging.getLogger("detectron2.engine.train_loop")
-        train_logger.info(f"Starting training from iteration {start_iter}")
-        self.iter = self.start_iter = start_iter
-        self.max_iter = max_iter
-        with EventStorage(start_iter) as self.storage:
-            try:
-                self.before_train()
-                for self.iter in range(start_iter, max_iter):
-                    self.before_step()
-                    self.run_step()
-                    self.after_step()
-                self.iter += 1
-            except MNCError as e:
-                train_logger.error(f"Training stopped at iteration {self.iter}: {e}")
-                raise
-            except Exception:
-                train_logger.exception("Exception during training:")
-                raise
-            finally:
-                self.after_train()
+
+class _MNCErrorWithoutTraceback(logging.Filter):
+    """D2's TrainerBase.train logs any exception with its traceback; an MNCError (bad data, NaN loss) is
+    logged as its message instead: it names the problem, a traceback would only bury it."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, MNCError):
+            record.msg = f"Training stopped at iteration {self.trainer.iter}: {error}"
+            record.args, record.exc_info = (), None
+        return True
 
 
 def load_weights_for_eval(cfg, model, resume: bool = False, checkpoint_dir: str = None):
@@ -304,138 +296,6 @@ def load_weights_for_eval(cfg, model, resume: bool = False, checkpoint_dir: str 
         return checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
     except CheckpointError as e:
         raise type(e)(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r}: {e}") from e
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _config_chain(config_file: str):
-    """(path, parsed yaml) of ``config_file`` and its ``_BASE_`` files, child first."""
-    chain, path = [], config_file
-    while path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError):
-            break
-        chain.append((path, data))
-        base = data.get("_BASE_") if isinstance(data, dict) else None
-        if not isinstance(base, str):
-            break
-        base = os.path.expanduser(base)
-        path = base if os.path.isabs(base) or base.startswith(("/", "http")) else os.path.join(os.path.dirname(path), base)
-    return chain
-
-
-def _file_defining(config_file: str, dotted_key: str) -> str:
-    """The file of ``config_file``'s _BASE_ chain whose yaml sets ``dotted_key`` (child wins)."""
-    for path, data in _config_chain(config_file):
-        node = data
-        for part in dotted_key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        else:
-            return path
-    return config_file
-
-
-def _all_keys(cfg, prefix=""):
-    for key, value in cfg.items():
-        full = prefix + key
-        if isinstance(value, CfgNode):
-            yield from _all_keys(value, full + ".")
-        else:
-            yield full
-
-
-def _explain_merge_error(error: Exception, cfg):
-    """(key or None, readable reason) of a yacs/fvcore merge error."""
-    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    unknown = re.match(r"Non-existent (?:config )?key: (\S+)", message)
-    if unknown:
-        key = unknown.group(1)
-        close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
-        return key, f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else "")
-    mismatch = re.match(r"Type mismatch \((.+) vs\. (.+)\) with values \((.*) vs\. (.*)\) for config key: (\S+)",
-                        message, re.S)
-    if mismatch:
-        expected, got, default, value, key = mismatch.groups()
-        return key, f"config key {key} expects {expected} (default {default}), got {got} {value}"
-    key = re.search(r"config key:? (\S+)", message)
-    return (key.group(1) if key else None), message
-
-
-def _merge_file(cfg, config_file: str) -> None:
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"Config file {config_file} does not exist.")
-    try:
-        cfg.merge_from_file(config_file)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {config_file} (or one of its _BASE_ files) is not valid YAML: {e}") from e
-    except FileNotFoundError as e:  # a _BASE_ file
-        raise ConfigError(f"Config file {config_file}: a _BASE_ file does not exist: {e}") from e
-    except (KeyError, ValueError, TypeError, AssertionError) as e:
-        key, reason = _explain_merge_error(e, cfg)
-        where = _file_defining(config_file, key) if key else config_file
-        via = f" (loaded from {config_file})" if where != config_file else ""
-        raise ConfigError(f"Config file {where}{via}: {reason}") from e
-
-
-def _merge_opts(cfg, opts) -> None:
-    if not opts:
-        return
-    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
-    if flags:
-        raise ConfigError(f"Command-line flags {flags} come after the KEY VALUE config options; put them before.")
-    if len(opts) % 2:
-        raise ConfigError(f"Command-line config options must come in KEY VALUE pairs; got an odd list: {opts}")
-    for key, value in zip(opts[0::2], opts[1::2]):
-        try:
-            cfg.merge_from_list([key, value])
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            _, reason = _explain_merge_error(e, cfg)
-            raise ConfigError(f"Command-line option {key} {value}: {reason}") from e
-
-
-def _check_values(cfg) -> None:
-    """Values the model would reject deep in its constructor, reported as the config key."""
-    mnc = cfg.MODEL.MNC
-    problems = {
-        "MNC_RELIABILITY.BAD_TRAIN_IMAGE": (cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE not in ("skip", "raise"),
-                                            "must be 'skip' or 'raise'"),
-        "MODEL.MNC.NUM_STAGES": (mnc.NUM_STAGES not in (3, 5), "must be 3 or 5"),
-        "MODEL.MNC.MASK_HEAD.CONV_KERNEL": (mnc.MASK_HEAD.CONV_KERNEL not in (1, 3, 5, 7), "must be 1, 3, 5 or 7"),
-        "MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP": (mnc.BOX_GRADIENTS.DELTA_CLIP < 0, "must be >= 0 (0 = off)"),
-        "MODEL.MNC.FINAL_MASK_HEAD.NAME": (bool(mnc.FINAL_MASK_HEAD.NAME) and not mnc.TEST.MASKS_ON_FINAL_BOXES,
-                                           "needs MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True (it predicts the masks "
-                                           "on the final boxes)"),
-    }
-    for key, (bad, rule) in problems.items():
-        if bad:
-            value = cfg
-            for part in key.split("."):
-                value = value[part]
-            raise ConfigError(f"{key} {rule}, got {value!r}")
-
-
-def build_cfg(config_file: str, opts=()):
-    """get_cfg -> add_mnc_config -> merge file -> merge opts -> check -> freeze; no side effects
-    (``setup_cfg`` adds D2's default_setup: logging, seeding, config dump).
-
-    Raises:
-        ConfigError: naming the config file (the one of the _BASE_ chain that sets the key) or the
-            command-line option, and the key, for a missing/invalid file, an unknown key or a value
-            of the wrong type.
-    """
-    cfg = get_cfg()
-    add_mnc_config(cfg)
-    if config_file:
-        _merge_file(cfg, config_file)
-    _merge_opts(cfg, list(opts or ()))
-    _check_values(cfg)
-    cfg.freeze()
-    return cfg
 
 
 def eval_output_dir(run_dir: str) -> str:

@@ -111,7 +111,7 @@ def register_tiny_shapes(tmp_path):
     tmp_path on first use); every dataset it registered is removed from D2's catalogs afterwards."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from mnc_d2.data.builtin import register_mnc_shapes
+    from mnc_d2.data.datasets.builtin import register_mnc_shapes
 
     names = []
 

@@ -30,7 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BitMasks, BoxMode
 
-from mnc_d2.data.label_images import normalize_to_uint8
+from mnc_d2.data.datasets.label_images import normalize_to_uint8
 from mnc_d2.data.mapper import RobustDatasetMapper, read_image
 from mnc_d2.data.validation import load_dataset_dicts
 from mnc_d2.engine import Trainer, load_weights_for_eval, setup_cfg

@@ -156,7 +156,7 @@ def test_nothing_processable_exits_1_and_command_line_errors_exit_2(inputs, tmp_
 def test_16_bit_images_are_read_by_the_training_rule(inputs, tmp_path):
     """A HeLa-range 16-bit frame gives the detections of its percentile-normalised 8-bit twin, the way the
     HeLa training crops were made (before: read as all white)."""
-    from mnc_d2.data.label_images import normalize_to_uint8
+    from mnc_d2.data.datasets.label_images import normalize_to_uint8
     from mnc_d2.data.mapper import read_image
 
     _, _, _, weights = inputs

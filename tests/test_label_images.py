@@ -9,7 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.structures import BitMasks, BoxMode, Instances
 
-from mnc_d2.data.label_images import (
+from mnc_d2.data.datasets.label_images import (
     label_image_to_annotations,
     load_label_image_pairs,
     normalize_to_uint8,

@@ -16,8 +16,8 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils
 from detectron2.structures import BitMasks
 
-from mnc_d2.data import builtin, synthetic
-from mnc_d2.data.synthetic import SHAPE_CLASSES, generate_image, generate_split
+from mnc_d2.data.datasets import builtin, synthetic
+from mnc_d2.data.datasets.synthetic import SHAPE_CLASSES, generate_image, generate_split
 
 SIZE = 96  # small images keep the suite fast
 NUM_IMAGES = 6

@@ -14,7 +14,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode, Instances
 
-from mnc_d2.data.voc_sbd import (
+from mnc_d2.data.datasets.voc_sbd import (
     VOC_CLASSES,
     load_sbd_instances,
     load_voc_seg_instances,

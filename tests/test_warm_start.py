@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 import mnc_d2
 from conftest import REPO, small_cfg
-from mnc_d2.data.builtin import register_mnc_shapes
+from mnc_d2.data.datasets.builtin import register_mnc_shapes
 from mnc_d2.engine import Trainer
 from mnc_d2.modeling.roi_heads import rename_legacy_pathway_keys
 from mnc_d2.warm_start import MNCWarmStartCheckpointer, add_segment_pathway_from_box_head, warm_start_report

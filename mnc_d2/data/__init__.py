@@ -1,37 +1,8 @@
-"""Datasets. Importing this package registers ``mnc_shapes_*`` (synthetic, the default; ``builtin``),
-``hela_nuclei_*`` (microscopy; ``hela``) and ``sbd_2012_*`` / ``voc_2012_seg_*`` (the MNC paper's
-benchmark; ``voc_sbd``). Nothing touches the disk until a dataset is first loaded."""
+"""Data: the datasets (:mod:`.datasets`; importing this package registers them), the mapper
+(:mod:`.mapper`), the training sampler (:mod:`.sampler`) and the checks run when a dataset is loaded
+(:mod:`.validation`)."""
 
-import warnings
+from . import datasets
+from .datasets import *  # noqa: F401,F403  (re-exported: mnc_d2.data.register_mnc_shapes etc.)
 
-# `python -m mnc_d2.data.synthetic` imports this package, hence synthetic (via
-# builtin), before running synthetic as __main__; runpy's warning about that is harmless.
-warnings.filterwarnings(
-    "ignore", message="'mnc_d2.data.synthetic' found in sys.modules", category=RuntimeWarning
-)
-
-from .builtin import default_cache_root, ensure_mnc_shapes, register_all_mnc_shapes, register_mnc_shapes  # noqa: E402
-from .synthetic import SHAPE_CLASSES, generate_image, generate_split  # noqa: E402
-from .hela import ensure_hela, register_all_hela  # noqa: E402
-from .label_images import label_image_to_annotations, load_label_image_pairs, register_label_image_dataset  # noqa: E402
-from .voc_sbd import register_all_voc_sbd  # noqa: E402
-
-register_all_mnc_shapes()
-register_all_hela()
-register_all_voc_sbd()
-
-__all__ = [
-    "SHAPE_CLASSES",
-    "generate_image",
-    "generate_split",
-    "register_mnc_shapes",
-    "register_all_mnc_shapes",
-    "ensure_mnc_shapes",
-    "default_cache_root",
-    "register_all_hela",
-    "ensure_hela",
-    "label_image_to_annotations",
-    "load_label_image_pairs",
-    "register_label_image_dataset",
-    "register_all_voc_sbd",
-]
+__all__ = datasets.__all__

@@ -36,7 +36,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 
-from .label_images import normalize_to_uint8
+from .datasets.label_images import normalize_to_uint8
 from ..errors import BadImageError, CorruptImageError, DatasetError, ImageNotFoundError, ImageSizeMismatchError
 
 __all__ = ["RobustDatasetMapper", "read_image", "check_image_size", "sanitize_annotation"]
@@ -52,7 +52,7 @@ _SUPPORTED_BOX_MODES = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer / float grayscale -> 8-bit "L" by the project's one rule,
-    :func:`~mnc_d2.data.label_images.normalize_to_uint8` (each image's [1, 99.8] percentile range to 0..255,
+    :func:`~mnc_d2.data.datasets.label_images.normalize_to_uint8` (each image's [1, 99.8] percentile range to 0..255,
     the rule that made the HeLa training crops). PIL's own convert clips at 255 (nearly every pixel of a
     16-bit image would be white), and a fixed 65535 -> 255 scaling turns microscopy frames (values
     33000-37000) flat grey."""

@@ -2,8 +2,10 @@
 
 D2 0.6's ``get_detection_dataset_dicts`` lets a malformed COCO json fail deep in pycocotools
 (``KeyError: 'images'``), reports an empty dataset with an ``AssertionError`` and never looks at
-the records. :func:`load_dataset_dicts` does the same job (load, filter images without annotations,
-class histogram) and raises :class:`DatasetError` naming the dataset, the file and the key:
+the records. :func:`load_dataset_dicts` does the same job with D2's own steps (``DatasetCatalog.get``,
+``filter_images_with_only_crowd_annotations``, ``check_metadata_consistency``,
+``print_instances_class_histogram``) and raises :class:`DatasetError` naming the dataset, the file
+and the key:
 
 * the loader fails: the COCO json (``metadata.json_file``) is diagnosed by
   :func:`diagnose_coco_json`, which names the first missing key or wrong type;
@@ -58,10 +60,11 @@ def _describe(value) -> str:
 def diagnose_coco_json(json_file: str) -> Optional[str]:
     """The first structural problem of a COCO instances json, as ``"<where>: <problem>"``, or None.
 
-    Checks what D2's ``load_coco_json`` and pycocotools need: an object with lists ``images``
-    (``id``, ``file_name``, ``height``, ``width``) and ``categories`` (``id``, ``name``), and
-    optionally ``annotations`` (``id``, ``image_id``, ``category_id`` among the categories'
-    ids, ``bbox`` as 4 numbers, ``segmentation`` as polygons or RLE).
+    Checks what D2's ``load_coco_json`` and pycocotools need not to fail: an object with lists
+    ``images`` (``id``, ``file_name``, ``height``, ``width``) and ``categories`` (``id``, ``name``),
+    and optionally ``annotations`` (``id``, ``image_id``, ``category_id`` among the categories'
+    ids, ``bbox`` as 4 numbers, ``segmentation`` as polygons or RLE). Bad values that load (an image
+    ``height`` of ``"64"``) are left to :func:`validate_dataset_dicts`.
     """
     try:
         with open(json_file, encoding="utf-8") as f:
@@ -81,16 +84,12 @@ def diagnose_coco_json(json_file: str) -> Optional[str]:
         if key in data and not isinstance(data[key], list):
             return f"top-level key {key!r} must be a list, got {type(data[key]).__name__}"
 
-    image_fields = {"id": lambda v: _is_int(v) or isinstance(v, str), "file_name": lambda v: isinstance(v, str),
-                    "height": lambda v: _is_int(v) and v > 0, "width": lambda v: _is_int(v) and v > 0}
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict):
             return f"images[{i}] must be an object, got {_describe(image)}"
-        for key, ok in image_fields.items():
+        for key in ("id", "file_name", "height", "width"):
             if key not in image:
                 return f"images[{i}] (file_name {image.get('file_name')!r}): missing key {key!r}"
-            if not ok(image[key]):
-                return f"images[{i}] (file_name {image.get('file_name')!r}): key {key!r} has a bad value {_describe(image[key])}"
 
     category_ids = set()
     for i, category in enumerate(data["categories"]):
@@ -142,7 +141,7 @@ def load_dataset(name: str) -> list:
         raise DatasetError(f"Dataset {name!r}: its loader failed: {type(e).__name__}: {e}") from e
     if not isinstance(dicts, list):
         raise DatasetError(f"Dataset {name!r}: its loader returned a {type(dicts).__name__}, not a list of dicts")
-    if not dicts:
+    if not dicts:  # D2's get_detection_dataset_dicts asserts this; we say why
         problem = diagnose_coco_json(json_file) if json_file else None
         if problem:  # e.g. no 'images' key: pycocotools then loads an empty dataset without complaint
             raise DatasetError(f"Dataset {name!r}: cannot load COCO json {json_file}: {problem}")
@@ -207,8 +206,8 @@ def load_dataset_dicts(
     bad_image: str = "skip",
     require_masks: bool = False,
 ) -> List[dict]:
-    """What D2's ``get_detection_dataset_dicts`` does for a training (``is_train``) or test set, with
-    the checks of this module.
+    """D2's ``get_detection_dataset_dicts`` for a training (``is_train``) or test set, with the checks
+    of this module (and without its proposal files and keypoint filter, which MNC does not use).
 
     Args:
         names: dataset names (``DATASETS.TRAIN``, or one test set).
@@ -230,10 +229,12 @@ def load_dataset_dicts(
         per_dataset.append(drop_missing_images(name, dicts, raise_error=not is_train or bad_image == "raise"))
     dicts = list(itertools.chain.from_iterable(per_dataset))
 
-    has_instances = "annotations" in dicts[0]
     if is_train and require_masks and not any("segmentation" in a for d in dicts for a in d.get("annotations", [])):
         raise DatasetError(f"MODEL.MASK_ON is True but no annotation of {list(names)} has a 'segmentation' (MNC "
                            "trains on instance masks).")
+
+    # The rest is D2's get_detection_dataset_dicts, with a DatasetError in place of its final assert.
+    has_instances = "annotations" in dicts[0]
     if is_train and filter_empty and has_instances:
         before = len(dicts)
         dicts = filter_images_with_only_crowd_annotations(dicts)
@@ -245,9 +246,8 @@ def load_dataset_dicts(
     if has_instances:
         try:
             class_names = MetadataCatalog.get(names[0]).thing_classes
-        except AttributeError:  # no class names registered for this dataset
-            class_names = None
-        if class_names is not None:
             check_metadata_consistency("thing_classes", names)
             print_instances_class_histogram(dicts, class_names)
+        except AttributeError:  # class names are not available for this dataset
+            pass
     return dicts

@@ -37,6 +37,8 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 import pycocotools.mask as mask_util
 
+from detectron2.evaluation.pascal_voc_evaluation import voc_ap as d2_voc_ap
+
 INTERPOLATIONS = ("voc", "voc07", "coco101")
 ASSIGNMENTS = ("unmatched", "argmax")
 
@@ -120,27 +122,15 @@ def match_predictions(
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
-    """VOC average precision of one class.
+    """VOC average precision of one class: D2's ``voc_ap`` (the VOC devkit's), on float64 arrays.
 
     Args:
         recall, precision: (N,) cumulative values along the ranked predictions.
         use_07_metric: VOC2007 11-point average instead of the VOC2010+ area
             under the monotone precision envelope.
     """
-    recall = np.asarray(recall, dtype=np.float64)
-    precision = np.asarray(precision, dtype=np.float64)
-    if use_07_metric:
-        # np.arange (not linspace) to agree with the VOC devkit ports bit for bit.
-        ap = 0.0
-        for t in np.arange(0.0, 1.1, 0.1):
-            reached = recall >= t
-            ap += (precision[reached].max() if reached.any() else 0.0) / 11.0
-        return float(ap)
-    mrec = np.concatenate(([0.0], recall, [1.0]))
-    mpre = np.concatenate(([0.0], precision, [0.0]))
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
-    steps = np.where(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    return float(d2_voc_ap(np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64),
+                           use_07_metric))
 
 
 def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Detectron2 registration of the synthetic shapes datasets (the project default).
+"""Registration of the builtin datasets, as Detectron2's ``data/datasets/builtin.py``: the synthetic
+shapes (the project default, below), HeLa nuclei (:mod:`.hela`) and SBD / VOC 2012 (:mod:`.voc_sbd`).
 
 Registered at import of ``mnc_d2.data``:
 
@@ -28,7 +29,10 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from .common import cache_root, register_dataset
+from .hela import register_all_hela
 from .synthetic import ANNOTATIONS_FILE, GENERATOR_VERSION, IMAGES_DIR, SHAPE_CLASSES, generate_split
+from .voc_sbd import register_all_voc_sbd
 
 __all__ = ["register_mnc_shapes", "register_all_mnc_shapes", "ensure_mnc_shapes", "default_cache_root"]
 
@@ -47,8 +51,7 @@ _THING_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (1
 
 def default_cache_root():
     """``$MNC_D2_CACHE/datasets/mnc_shapes_v1`` (default cache ``~/.cache/mnc_d2``)."""
-    cache = os.path.expanduser(os.environ.get("MNC_D2_CACHE", "~/.cache/mnc_d2"))
-    return os.path.join(cache, "datasets", GENERATOR_VERSION)
+    return os.path.join(cache_root(), "datasets", GENERATOR_VERSION)
 
 
 def register_mnc_shapes(name, root, num_images, seed, image_size):
@@ -59,21 +62,17 @@ def register_mnc_shapes(name, root, num_images, seed, image_size):
     """
     root = os.path.abspath(os.path.expanduser(root))
     params = dict(root=root, num_images=int(num_images), seed=int(seed), image_size=int(image_size))
-    if name in DatasetCatalog.list():
-        if getattr(MetadataCatalog.get(name), "mnc_shapes", None) == params:
-            return
-        logger.warning(f"Replacing the registration of dataset {name!r} with mnc_shapes {params}")
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-    DatasetCatalog.register(name, functools.partial(_load_mnc_shapes, name))
-    MetadataCatalog.get(name).set(
+    # As D2's register_coco_instances, but the loader generates the files on first use.
+    register_dataset(
+        name,
+        functools.partial(_load_mnc_shapes, name),
+        "mnc_shapes",  # generator arguments, read by ensure_mnc_shapes
+        params,
         thing_classes=list(SHAPE_CLASSES),
         thing_colors=list(_THING_COLORS),
         json_file=os.path.join(root, ANNOTATIONS_FILE),
         image_root=os.path.join(root, IMAGES_DIR),
         evaluator_type="coco",
-        mnc_shapes=params,  # generator arguments, read by ensure_mnc_shapes
     )
 
 
@@ -111,3 +110,5 @@ def _load_mnc_shapes(name):
 
 
 register_all_mnc_shapes()
+register_all_hela()
+register_all_voc_sbd()

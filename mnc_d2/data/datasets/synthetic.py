@@ -25,21 +25,20 @@ sibling directory (json last) that is then renamed into place.
 
 CLI (regenerate at other sizes)::
 
-    python -m mnc_d2.data.synthetic --out DIR --num-train 600 --num-val 100 --image-size 256 --seed 0
+    python -m mnc_d2.data.datasets.synthetic --out DIR --num-train 600 --num-val 100 --image-size 256 --seed 0
 """
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 from tqdm import tqdm
+
+from .common import build_dir_atomically
 
 __all__ = ["SHAPE_CLASSES", "GENERATOR_VERSION", "generate_image", "generate_split", "main"]
 
@@ -307,27 +306,12 @@ def generate_split(
             )
         return str(json_path)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    stale_dir = tmp_dir.with_name(tmp_dir.name + "-old")
-    try:
-        _write_split(tmp_dir, params, progress, desc=f"mnc_shapes {out_dir.name}")
-        if out_dir.exists() and (overwrite or not json_path.exists()):
-            # Move aside a split being replaced, or a directory without the
-            # json (not ours, or not finished): os.rename cannot replace it.
-            try:
-                os.rename(out_dir, stale_dir)
-            except FileNotFoundError:
-                pass
-        try:
-            os.rename(tmp_dir, out_dir)
-        except OSError:
-            if not json_path.exists():
-                raise
-            # Another process published the split first: keep theirs.
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(stale_dir, ignore_errors=True)
+    build_dir_atomically(
+        out_dir,
+        lambda tmp_dir: _write_split(tmp_dir, params, progress, desc=f"mnc_shapes {out_dir.name}"),
+        ANNOTATIONS_FILE,
+        replace=overwrite,
+    )
     return str(json_path)
 
 

