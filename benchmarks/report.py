@@ -14,11 +14,14 @@ BASELINE = "maskrcnn"
 TARGET_MODEL = "mnc3"  # the issue's targets are stated for MNC three-stage; other models get them for information
 # name -> (description, comparison, limit): the ratio (or difference) MNC vs the baseline, measured in one run
 TARGETS = {
-    "inference_time_ratio": ("inference s/image (batch 1) ÷ Mask R-CNN's", "<=", 1.10),
+    "inference_time_ratio": ("inference s/image (batch 1) ÷ Mask R-CNN's, this round", "<=", 1.25),
+    "inference_time_ratio_long_term": ("inference s/image (batch 1) ÷ Mask R-CNN's, long term", "<=", 1.10),
     "train_time_ratio": ("training s/iteration ÷ Mask R-CNN's", "<=", 1.20),
     "memory_ratio": ("peak memory ÷ Mask R-CNN's", "<=", 1.15),
     "segm_ap_diff": ("mask AP − Mask R-CNN's (AP points)", ">=", 0.0),
 }
+# a target measured by another target's value
+_VALUE_OF = {"inference_time_ratio_long_term": "inference_time_ratio"}
 RESULT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "figure": "benchmark.png"}
 
 
@@ -86,7 +89,7 @@ def compare(models: Dict[str, Dict], baseline: str = BASELINE) -> Dict[str, Dict
         }
         passed = {}
         for target, (_, op, limit) in TARGETS.items():
-            value = values[target]
+            value = values[_VALUE_OF.get(target, target)]
             passed[target] = None if value is None else (value <= limit if op == "<=" else value >= limit)
         values["pass"] = passed
         values["all_pass"] = all(passed.values()) if all(p is not None for p in passed.values()) else None
@@ -166,17 +169,7 @@ def markdown(report: Dict) -> str:
 
     if comparison:
         names = list(comparison)
-        lines += ["## Targets", "", "| target | limit | " + " | ".join(
-            f"`{n}`" + (" (target model)" if n == TARGET_MODEL else "") for n in names) + " |",
-            "|---|---|" + "---|" * len(names)]
-        for target, info in report["targets"].items():
-            cells = []
-            for n in names:
-                value = comparison[n].get(target)
-                shown = _fmt(value, "+.1f") if target.endswith("diff") else _fmt(value, ".2f", "×")
-                cells.append(f"{shown} {_verdict(comparison[n]['pass'].get(target))}")
-            lines.append(f"| {info['description']} | {info['op'].replace('<=', '≤').replace('>=', '≥')} "
-                         f"{info['limit']:g} | " + " | ".join(cells) + " |")
+        lines += target_lines(report["targets"], comparison)
         cpu = [f"`{n}` {_fmt(comparison[n].get('train_cpu_time_ratio'), '.2f', '×')}" for n in names]
         lines += ["", "Training CPU-time ratio (process CPU seconds per iteration, less sensitive to other load "
                   "on a shared machine): " + ", ".join(cpu) + "."]
@@ -203,6 +196,23 @@ def markdown(report: Dict) -> str:
     lines += _profile_lines(models)
     lines += ["", f"Figure: `{RESULT_FILES['figure']}`; raw numbers: `{RESULT_FILES['json']}`.", ""]
     return "\n".join(lines)
+
+
+def target_lines(targets: Dict[str, Dict], comparison: Dict[str, Dict]) -> List[str]:
+    """The "Targets" table: each target's value and verdict per compared model."""
+    names = list(comparison)
+    lines = ["## Targets", "", "| target | limit | " + " | ".join(
+        f"`{n}`" + (" (target model)" if n == TARGET_MODEL else "") for n in names) + " |",
+        "|---|---|" + "---|" * len(names)]
+    for target, info in targets.items():
+        cells = []
+        for n in names:
+            value = comparison[n].get(_VALUE_OF.get(target, target))
+            shown = _fmt(value, "+.1f") if target.endswith("diff") else _fmt(value, ".2f", "×")
+            cells.append(f"{shown} {_verdict(comparison[n]['pass'].get(target))}")
+        lines.append(f"| {info['description']} | {info['op'].replace('<=', '≤').replace('>=', '≥')} "
+                     f"{info['limit']:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _variant_lines(models: Dict[str, Dict], baseline: str) -> List[str]:

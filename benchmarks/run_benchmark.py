@@ -6,6 +6,7 @@
     python -m benchmarks.run_benchmark --dataset hela --models mnc3,maskrcnn
     python -m benchmarks.run_benchmark --models ablation --iters 300 --eval-period 100   # README ablation
     python -m benchmarks.run_benchmark --size large --device cuda --out /tmp/bench
+    python -m benchmarks.run_benchmark --seeds 2,3,4 --models mnc3,maskrcnn  # mean ± std over seeds
     python benchmarks/run_benchmark.py ... SOLVER.BASE_LR 0.01  # trailing KEY VALUE pairs go to every model
 
 Every model is trained and evaluated with the same backbone, input size, data, schedule and seed
@@ -20,6 +21,7 @@ variants (``--variants``: mask voting off, 100 test proposals), which gives the 
 ``--models ablation`` trains {3, 5 stages} x {box gradients off, on} plus Mask R-CNN.
 """
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -28,12 +30,12 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import report, seeds  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,6 +213,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch.set_num_threads for every model (default: the CPUs this process may use)")
     parser.add_argument("--seed", type=int, default=1, help="cfg.SEED of every model")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seeds, e.g. 2,3,4: one run per seed into <out>/seed<N>/ (each as with "
+                             "--seed N), then <out>/benchmark.{json,md}: mean ± std per model, ratios from the means")
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler one training iteration and one inference call per model "
@@ -244,6 +249,12 @@ def parse_args(argv=None):
         parser.error(f"unknown --models {unknown}; known: {list(MODELS)}")
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.seeds and args.time_only:
+        parser.error("--time-only times one set of weights in one invocation: give --out <out>/seed<N>, not --seeds")
     size = SIZES[args.size]
     args.iters = args.iters or size.iters
     args.eval_period = size.eval_period if args.eval_period is None else args.eval_period
@@ -387,6 +398,39 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device available", file=sys.stderr)
             return 2
+    if not args.seeds:
+        return run_models(args, argv)[2]
+    metas, per_seed, status = {}, {}, 0
+    for seed in args.seeds:
+        one = copy.copy(args)
+        one.seed, one.out = seed, os.path.join(args.out, f"seed{seed}")
+        command = [a for a in (argv if argv is not None else sys.argv[1:])]
+        metas[seed], per_seed[seed], failed = run_models(one, _one_seed_command(command, seed, one.out))
+        status = max(status, failed)
+    paths = seeds.write_outputs(args.out, metas, per_seed)
+    print(open(paths["markdown"]).read(), flush=True)
+    print("[bench] wrote " + ", ".join(paths.values()), flush=True)
+    return status
+
+
+def _one_seed_command(argv: List[str], seed: int, out: str) -> List[str]:
+    """The command line of one seed's run: --seeds -> --seed N, --out -> its seed<N> folder."""
+    command, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--seeds", "--out", "--seed"):
+            skip = True
+            continue
+        if not a.startswith(("--seeds=", "--out=", "--seed=")):
+            command.append(a)
+    return command + ["--seed", str(seed), "--out", out]
+
+
+def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
+    """Train, evaluate and time every --models model on one seed; write <out>/benchmark.*. Returns (meta,
+    results, exit status: 1 if a model failed)."""
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
     print(f"[bench] {args.dataset}, size {args.size}: {', '.join(args.models)}; {args.iters} iterations each, "
@@ -437,7 +481,7 @@ def main(argv=None) -> int:
     failed = [name for name, r in models.items() if r.get("status") == "failed"]
     if failed:
         print(f"[bench] WARNING: {', '.join(failed)} failed (see the table and runs/<model>/worker.log)", flush=True)
-    return 1 if failed else 0
+    return meta, models, 1 if failed else 0
 
 
 if __name__ == "__main__":
