@@ -21,6 +21,17 @@ def test_1_stub_extension_keeps_collect_env_and_default_setup_working():
     assert "detectron2" in collect_env_info()  # calls _C.get_compiler_version / get_cuda_version / has_cuda
 
 
+@pytest.mark.skipif(not STUB, reason="official detectron2 build: its C++ extension is real")
+def test_1_the_patched_build_is_pure_python():
+    from importlib import metadata
+
+    assert _C.__file__.endswith(".py"), _C.__file__  # no compiled stub: nothing to build, no ABI to match
+    dist = metadata.distribution("pb1-detectron2")
+    wheel = dist.read_text("WHEEL") or ""
+    assert "Root-Is-Purelib: true" in wheel and "py3-none-any" in wheel, wheel
+    assert not [f for f in dist.files if str(f).endswith((".so", ".pyd"))]
+
+
 def test_2_model_zoo_configs_are_packaged():
     from detectron2 import model_zoo
 
@@ -78,3 +89,25 @@ def test_6_fast_coco_eval_falls_back_to_pycocotools():
     ev.accumulate()
     ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_7_map_dataset_falls_back_on_python_3_11():
+    from detectron2.data.common import MapDataset
+
+    dataset = MapDataset(list(range(8)), lambda x: None if x == 3 else x)  # a mapper that skips item 3
+    assert dataset[3] in set(range(8)) - {3}  # random.sample(set) raised TypeError on Python >= 3.11
+
+
+def test_8_legacy_mask_paste_on_numpy_2():
+    import torch
+
+    from detectron2.layers.mask_ops import paste_mask_in_image_old
+
+    # With Pillow 12 the PIL -> numpy conversion here needs no copy, so the old line happens to work; other
+    # Pillow/numpy pairs need one, and numpy >= 2 then raises. The source must not hold the pattern.
+    pasted = paste_mask_in_image_old(torch.rand(14, 14), torch.tensor([2, 3, 20, 25]), 32, 32, threshold=0.5)
+    assert pasted.shape == (32, 32) and pasted.dtype == torch.uint8
+    root = os.path.dirname(detectron2.__file__)
+    offenders = subprocess.run(["grep", "-rnE", r"np\.array\([^)]*copy=False", "--include=*.py", root],
+                               capture_output=True, text=True).stdout.splitlines()
+    assert offenders == [], offenders
