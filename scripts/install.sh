@@ -13,8 +13,6 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 D2_BUILD_DIR=${D2_BUILD_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mnc_d2/d2build}
-SDIST=$D2_BUILD_DIR/dl/pb1-detectron2-0.6.tar.gz
-SDIST_SHA256=5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
 T0=$SECONDS; log() { echo "[install +$((SECONDS - T0))s] $*"; }
 
 if [ "${MNC_USE_CURRENT_PYTHON:-0}" = 1 ]; then
@@ -41,16 +39,7 @@ else
     log "3/4 a working detectron2 is already importable -> keep it ($("$PY" -c 'import detectron2,os;print(os.path.dirname(detectron2.__file__))'))"
   else
     log "3/4 detectron2: download (sha256-checked) + patch pb1-detectron2==0.6 sdist + install (pure Python)"
-    mkdir -p "$D2_BUILD_DIR/dl"
-    if ! echo "$SDIST_SHA256  $SDIST" | sha256sum -c --status 2>/dev/null; then
-      rm -f "$SDIST"   # setup.py imports torch -> metadata prep needs --no-build-isolation
-      "$PY" -m pip download -q --disable-pip-version-check pb1-detectron2==0.6 --no-deps \
-        --no-binary :all: --no-build-isolation -d "$D2_BUILD_DIR/dl"
-      echo "$SDIST_SHA256  $SDIST" | sha256sum -c -
-    fi
-    SRC=$D2_BUILD_DIR/src
-    rm -rf "$SRC"; mkdir -p "$SRC"; tar xzf "$SDIST" -C "$SRC" --strip-components=1 --no-same-owner
-    bash "$REPO/scripts/patch_detectron2_sdist.sh" "$SRC"
+    SRC=$(bash "$REPO/scripts/prepare_detectron2_sdist.sh" "$PY" "$D2_BUILD_DIR" | tail -1)
     # a pure-Python package after the patch (no extension, no compiler); setup.py imports torch
     (cd "$SRC" && "${PIP_INSTALL[@]}" --no-build-isolation .)
   fi

@@ -24,7 +24,6 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pycocotools.mask as mask_util
-import scipy.io
 from PIL import Image
 
 from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
@@ -110,6 +109,8 @@ def majority_class(class_map: np.ndarray, mask: np.ndarray) -> int:
 
 def read_sbd_mat(path: str, struct_name: str) -> Dict[str, np.ndarray]:
     """Fields of SBD's 1x1 MATLAB struct (``GTinst`` or ``GTcls``)."""
+    import scipy.io  # here, not at import: only SBD's .mat files need scipy (a GPU machine may lack it)
+
     struct = scipy.io.loadmat(path)[struct_name][0, 0]
     return {name: struct[name] for name in struct.dtype.names}
 
