@@ -151,36 +151,38 @@ def normalize_to_uint8(
     return out[..., 0] if image.ndim == 2 else out
 
 
-def read_image_array(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read an image file with its original bit depth: (H, W) or (H, W, C) in RGB order."""
+def _read_array(path: Union[str, os.PathLike], what: str, read_non_tiff) -> np.ndarray:
+    """``what`` file at ``path`` as an array: tiffs by ``_read_tiff``, others by ``read_non_tiff(path)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        array = _read_tiff(path)
-    else:
-        # cv2 keeps 16-bit data (PIL reduces 16-bit colour to 8 bits).
-        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if array is None:
-            raise ValueError(f"cannot decode image file: {path}")
-        if array.ndim == 3 and array.shape[2] >= 3:
-            array = cv2.cvtColor(
-                array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB
-            )
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    array = _read_tiff(path) if path.suffix.lower() in _TIFF_SUFFIXES else read_non_tiff(path)
     return _squeeze_leading(array, path)
+
+
+def _read_with_cv2(path: Path) -> np.ndarray:
+    # cv2 keeps 16-bit data (PIL reduces 16-bit colour to 8 bits).
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError(f"cannot decode image file: {path}")
+    if array.ndim == 3 and array.shape[2] >= 3:
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return array
+
+
+def _read_with_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def read_image_array(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file with its original bit depth: (H, W) or (H, W, C) in RGB order."""
+    return _read_array(path, "image", _read_with_cv2)
 
 
 def read_label_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a label image file as an (H, W) integer array (palette PNGs give their indices)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file not found: {path}")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        array = _read_tiff(path)
-    else:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    array = _squeeze_leading(array, path)
+    array = _read_array(path, "label", _read_with_pil)
     if array.ndim != 2:
         raise ValueError(f"label image {path} must be 2-D (H, W), got shape {array.shape}")
     return array
