@@ -71,6 +71,13 @@ MODELS = {
                                "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
                               ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True",
                                "MODEL.MNC.BOX_GRADIENTS.CLIP", "1e-6")),
+    # box gradients bounded as the authors bound them (the paper config's setting), three stages
+    "mnc3_bg_delta": ModelSpec("MNC 3-stage, box gradients (delta bound 1/512)",
+                               {"shapes": "configs/mnc_R18_GN_FPN_shapes_cpu.yaml",
+                                "hela": "configs/benchmark/mnc_R18_GN_FPN_hela_cpu.yaml"},
+                               ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.BOX_GRADIENTS.ENABLED", "True",
+                                "MODEL.MNC.BOX_GRADIENTS.CLIP", "0.0", "MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP",
+                                "0.001953125")),
     "maskrcnn": ModelSpec("Mask R-CNN", {"shapes": "configs/benchmark/maskrcnn_R18_GN_FPN_shapes_cpu.yaml",
                                          "hela": "configs/benchmark/maskrcnn_R18_GN_FPN_hela_cpu.yaml"}),
 }
@@ -127,9 +134,11 @@ TEST_VARIANTS = {
 DATASETS = {
     "shapes": {"tiny": ("mnc_shapes_tiny_train", "mnc_shapes_tiny_val"),
                "default": ("mnc_shapes_train", "mnc_shapes_val"),
+               "gpu": ("mnc_shapes_train", "mnc_shapes_val"),
                "large": ("mnc_shapes_train", "mnc_shapes_val")},
     "hela": {"tiny": ("hela_nuclei_train", "hela_nuclei_val"),
              "default": ("hela_nuclei_train", "hela_nuclei_val"),
+             "gpu": ("hela_nuclei_train", "hela_nuclei_val"),
              "large": ("hela_nuclei_train", "hela_nuclei_val")},
 }
 
@@ -158,6 +167,17 @@ SIZES = {
     # 2 CPU cores, all three models in about 30 min: the CPU config's model, input and batch, a short schedule
     "default": SizeSpec(iters=160, eval_period=40, train_warmup=10, val_images=None, latency_images=50,
                         latency_warmup=3, print_period=10),
+    # benchmarks/gpu_check.sh: R50-FPN-GN from scratch at 800 px, batch 8 with AMP, a few timed iterations;
+    # everything is kept as a candidate at test time so that barely trained models run their mask paths
+    "gpu": SizeSpec(iters=40, eval_period=40, train_warmup=10, val_images=20, latency_images=20, latency_warmup=3,
+                    print_period=10, opts=(
+                        "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
+                        "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
+                        "MODEL.ROI_MASK_HEAD.CONV_DIM", "256", "MODEL.MNC.MASK_HEAD.CONV_DIM", "256",
+                        "INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
+                        "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333",
+                        "SOLVER.IMS_PER_BATCH", "8", "SOLVER.AMP.ENABLED", "True", "DATALOADER.NUM_WORKERS", "4",
+                        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "100")),
     # one GPU: a longer schedule, twice the batch
     "large": SizeSpec(iters=3000, eval_period=500, train_warmup=20, val_images=None, latency_images=None,
                       latency_warmup=5, print_period=50,
@@ -213,6 +233,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch.set_num_threads for every model (default: the CPUs this process may use)")
     parser.add_argument("--seed", type=int, default=1, help="cfg.SEED of every model")
+    parser.add_argument("--budget-s", type=float, default=0,
+                        help="skip the models not started after this many seconds (0: no budget); the outputs "
+                             "are written after every model either way")
+    parser.add_argument("--profile-models", default="",
+                        help="comma-separated models to profile as with --profile (e.g. mnc3), the others not")
     parser.add_argument("--seeds", default="",
                         help="comma-separated seeds, e.g. 2,3,4: one run per seed into <out>/seed<N>/ (each as with "
                              "--seed N), then <out>/benchmark.{json,md}: mean ± std per model, ratios from the means")
@@ -249,6 +274,7 @@ def parse_args(argv=None):
         parser.error(f"unknown --models {unknown}; known: {list(MODELS)}")
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    args.profile_models = [m.strip() for m in args.profile_models.split(",") if m.strip()]
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -281,7 +307,8 @@ def model_spec(name: str, args, work_dir: str) -> Dict:
         "name": name, "label": model.label, "config_file": os.path.join(REPO, model.configs[args.dataset]),
         "opts": opts, "threads": args.threads, "work_dir": work_dir, "val_subset": val_subset,
         "train_warmup": size.train_warmup, "latency_images": size.latency_images,
-        "latency_warmup": size.latency_warmup, "print_period": size.print_period, "profile": args.profile,
+        "latency_warmup": size.latency_warmup, "print_period": size.print_period,
+        "profile": args.profile or name in args.profile_models,
         "keep_checkpoints": args.keep_checkpoints, "result_file": os.path.join(work_dir, "result.json"),
         "test_variants": {v: list(TEST_VARIANTS[v]) for v in args.variants},
     }
@@ -429,8 +456,9 @@ def _one_seed_command(argv: List[str], seed: int, out: str) -> List[str]:
 
 
 def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
-    """Train, evaluate and time every --models model on one seed; write <out>/benchmark.*. Returns (meta,
-    results, exit status: 1 if a model failed)."""
+    """Train, evaluate and time every --models model on one seed; write <out>/benchmark.* after each model
+    (a run stopped from outside keeps what it measured). With --budget-s, the models not started when the
+    budget is used up are skipped. Returns (meta, results, exit status: 1 if a model failed)."""
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
     print(f"[bench] {args.dataset}, size {args.size}: {', '.join(args.models)}; {args.iters} iterations each, "
@@ -439,6 +467,11 @@ def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
     for i, name in enumerate(args.models):
         work_dir = os.path.join(args.out, "runs", name)
         t_model = time.perf_counter()
+        if args.budget_s and t_model - t0 > args.budget_s:
+            models[name] = {"name": name, "label": MODELS[name].label, "status": "skipped",
+                            "message": f"the time budget (--budget-s {args.budget_s:g}) was used up"}
+            print(f"[bench] ({i + 1}/{len(args.models)}) {name}: skipped ({models[name]['message']})", flush=True)
+            continue
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: starting (log: {work_dir}/worker.log)", flush=True)
         spec = model_spec(name, args, work_dir)
         reused = reusable_result(spec, args.keep_diverged) if args.resume else None
@@ -457,23 +490,10 @@ def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
         eta = f"; about {elapsed * left / 60:.0f} min left" if left else ""
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: {models[name]['status']} in {elapsed / 60:.1f} min{eta}",
               flush=True)
+        if left:
+            report.write_outputs(args.out, _meta(args, argv, models, started, t0), models)
 
-    first = next((r for r in models.values() if r.get("status") == "ok"), {})
-    settings = first.get("settings", {})
-    meta = {
-        "dataset": args.dataset, "size": args.size, "models": args.models, "device": args.device,
-        "threads": args.threads, "seed": args.seed, "iters": args.iters, "variants": args.variants, "eval_period": args.eval_period,
-        "ims_per_batch": settings.get("ims_per_batch"), "backbone": settings.get("backbone", "?"),
-        "train_dataset": settings.get("train_dataset"), "val_dataset": settings.get("val_dataset"),
-        "num_val_images": settings.get("num_val_images"), "extra_opts": args.opts,
-        "same_shared_settings": check_same_settings(models),
-        "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
-        "started": started.isoformat(timespec="seconds"), "wall_s": None, "git": git_description(),
-        "host": {"platform": platform.platform(), "python": platform.python_version(),
-                 "cpu_count": os.cpu_count(), "device_name": settings.get("device_name", args.device),
-                 "torch": settings.get("torch"), "detectron2": settings.get("detectron2")},
-    }
-    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    meta = _meta(args, argv, models, started, t0)
     paths = report.write_outputs(args.out, meta, models)
     print(f"[bench] done in {meta['wall_s'] / 60:.1f} min", flush=True)
     print(open(paths["markdown"]).read(), flush=True)
@@ -482,6 +502,26 @@ def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
     if failed:
         print(f"[bench] WARNING: {', '.join(failed)} failed (see the table and runs/<model>/worker.log)", flush=True)
     return meta, models, 1 if failed else 0
+
+
+def _meta(args, argv, models: Dict[str, Dict], started, t0: float) -> Dict:
+    """benchmark.json's "benchmark" entry: the invocation, the shared settings (from the first model that
+    ran ok) and the host."""
+    settings = next((r for r in models.values() if r.get("status") == "ok"), {}).get("settings", {})
+    return {
+        "dataset": args.dataset, "size": args.size, "models": args.models, "device": args.device,
+        "threads": args.threads, "seed": args.seed, "iters": args.iters, "variants": args.variants,
+        "eval_period": args.eval_period, "ims_per_batch": settings.get("ims_per_batch"),
+        "backbone": settings.get("backbone", "?"), "train_dataset": settings.get("train_dataset"),
+        "val_dataset": settings.get("val_dataset"), "num_val_images": settings.get("num_val_images"),
+        "extra_opts": args.opts, "same_shared_settings": check_same_settings(models),
+        "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
+        "started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
+        "git": git_description(),
+        "host": {"platform": platform.platform(), "python": platform.python_version(),
+                 "cpu_count": os.cpu_count(), "device_name": settings.get("device_name", args.device),
+                 "torch": settings.get("torch"), "detectron2": settings.get("detectron2")},
+    }
 
 
 if __name__ == "__main__":

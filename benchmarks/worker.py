@@ -363,6 +363,9 @@ def profile_model(trainer_cls, cfg, model, dataset_name: str, out_file: str) -> 
                       + "\n".join(f"{k:45s} {v:8.3f}" for k, v in sorted(result[phase].items(), key=lambda kv: -kv[1]))
                       + f"\n==== {phase}: top operators by self CPU time\n"
                       + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+        if ProfilerActivity.CUDA in activities:  # on a GPU, what the device spends its time on
+            tables.append(f"==== {phase}: top operators by self CUDA time\n"
+                          + averages.table(sort_by="self_device_time_total", row_limit=25))
     with open(out_file, "w") as f:
         f.write("\n\n".join(tables))
     return result

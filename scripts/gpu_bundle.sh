@@ -14,7 +14,8 @@ OUT=$(mkdir -p "${1:-$REPO/.gpu_bundle}" && cd "${1:-$REPO/.gpu_bundle}" && pwd)
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 [ "$GPU_PYTHON" = this ] && GPU_PYTHON=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PIP=("$PY" -m pip --disable-pip-version-check -q)
-PURE=(fvcore iopath yacs omegaconf hydra-core antlr4-python3-runtime termcolor tabulate portalocker cloudpickle)
+PURE=(fvcore iopath yacs omegaconf hydra-core antlr4-python3-runtime termcolor tabulate portalocker cloudpickle
+      pytest pluggy iniconfig pytest-timeout)   # pytest: the GPU tests run there too
 # the versions this venv runs (tested together), and omegaconf's own pin of its parser runtime
 PINS=$(mktemp); "$PY" -m pip freeze --disable-pip-version-check 2>/dev/null | grep -v '^-e ' > "$PINS"
 echo "antlr4-python3-runtime==4.9.3" >> "$PINS"

@@ -287,6 +287,16 @@ def test_tiny_run_over_two_seeds(tmp_path):
     assert data["models"]["maskrcnn"]["mean"]["segm_AP"] == pytest.approx(sum(aps) / 2)
 
 
+def test_budget_skips_the_models_not_started_in_time(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_benchmark", "--size", "tiny", "--models",
+                           "maskrcnn,mnc3", "--variants", "none", "--budget-s", "1", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    models = json.loads((tmp_path / "benchmark.json").read_text())["models"]
+    assert models["maskrcnn"]["status"] == "ok"  # started at once
+    assert models["mnc3"]["status"] == "skipped" and "--budget-s 1" in models["mnc3"]["message"]
+
+
 # ---------------------------------------------------------------------------------------- inference profile
 @pytest.mark.parametrize("slow", [False, True], ids=["fast_paths", "slow_paths"])
 def test_profile_inference_cli(tmp_path, capsys, slow):
