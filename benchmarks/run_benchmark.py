@@ -155,12 +155,17 @@ class SizeSpec:
     opts: tuple = ()  # config changes for this size, applied to every model alike
 
 
+def _input_size_opts(short_side: int, max_size: int) -> tuple:
+    """One input scale for training and test: shorter side ``short_side``, longer side at most ``max_size``."""
+    return ("INPUT.MIN_SIZE_TRAIN", f"({short_side},)", "INPUT.MAX_SIZE_TRAIN", str(max_size),
+            "INPUT.MIN_SIZE_TEST", str(short_side), "INPUT.MAX_SIZE_TEST", str(max_size))
+
+
 SIZES = {
     # CI: a handful of iterations at 160 px on 4 val images (the instant test's reductions)
     "tiny": SizeSpec(iters=3, eval_period=2, train_warmup=1, val_images=4, latency_images=4, latency_warmup=1,
                      print_period=1, opts=(
-                         "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "256",
-                         "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256",
+                         *_input_size_opts(160, 256),
                          "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "300", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
                          "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
                          "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0")),
@@ -174,8 +179,7 @@ SIZES = {
                         "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256",
                         "MODEL.FPN.OUT_CHANNELS", "256", "MODEL.ROI_BOX_HEAD.FC_DIM", "1024",
                         "MODEL.ROI_MASK_HEAD.CONV_DIM", "256", "MODEL.MNC.MASK_HEAD.CONV_DIM", "256",
-                        "INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
-                        "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333",
+                        *_input_size_opts(800, 1333),
                         "SOLVER.IMS_PER_BATCH", "8", "SOLVER.AMP.ENABLED", "True", "DATALOADER.NUM_WORKERS", "4",
                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "100")),
     # one GPU: a longer schedule, twice the batch
