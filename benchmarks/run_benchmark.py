@@ -112,6 +112,21 @@ CASCADE_ABLATION = {
                          "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True")),
 }
 MODELS.update({name: ModelSpec(label, PAPER_CONFIGS, opts) for name, (label, opts) in CASCADE_ABLATION.items()})
+# Candidates for MNC's default (issue "MNC's default beats Mask R-CNN"): today's 3- / 5-stage model with D2's
+# conv mask head in the cascade, or with the cheap head in the cascade and the conv head on the final boxes only
+_MNC_CONFIGS = MODELS["mnc3"].configs
+MODELS.update({
+    "mnc3_conv": ModelSpec("MNC 3-stage, D2 conv mask head (28x28)", _MNC_CONFIGS,
+                           ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+                            *_CONV_HEAD)),
+    "mnc5_conv": ModelSpec("MNC 5-stage, D2 conv mask head (28x28)", _MNC_CONFIGS,
+                           ("MODEL.MNC.NUM_STAGES", "5", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+                            *_CONV_HEAD)),
+    "mnc3_finalhead": ModelSpec("MNC 3-stage, + conv mask head on final boxes", _MNC_CONFIGS,
+                                ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.FINAL_MASK_HEAD.NAME",
+                                 "MaskRCNNConvUpsampleHead", *_CONV_HEAD, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES",
+                                 "True")),
+})
 
 # --models shorthands. "ablation" is the {3, 5 stages} x {box gradients off, on} grid of the README (mask
 # voting on/off is a test-time variant of each), with Mask R-CNN for the ratios.
@@ -128,6 +143,9 @@ TEST_VARIANTS = {
     "rpn100": ("MODEL.RPN.POST_NMS_TOPK_TEST", "100"),  # 100 test proposals instead of 300: speed vs AP
     "final_boxes": ("MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True"),  # output masks re-predicted on final boxes
     "final_boxes_no_voting": ("MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True", "MODEL.MNC.TEST.MASK_VOTING", "False"),
+    # and Mask R-CNN's box NMS (0.5; MNC's 0.3 may suppress touching objects)
+    "final_boxes_no_voting_nms05": ("MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True", "MODEL.MNC.TEST.MASK_VOTING",
+                                    "False", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "0.5"),
 }
 
 # dataset -> size -> (train, val). The tiny shapes splits are the instant test's; HeLa is small already.
