@@ -109,10 +109,10 @@ class _AtomicWrites:
         return getattr(self._path_manager, name)
 
 
-def atomic_write_json(path, obj) -> None:
-    """``json.dump(obj)`` into ``path`` atomically (see :func:`atomic_open`)."""
+def atomic_write_json(path, obj, **json_kwargs) -> None:
+    """``json.dump(obj, **json_kwargs)`` into ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, **json_kwargs)
 
 
 def _global_norm(state_dict) -> float:

@@ -71,36 +71,33 @@ def _run_and_clean_up(main_func, args):
         comm._LOCAL_PROCESS_GROUP = None
 
 
-def _distributed_worker(local_rank, main_func, world_size, processes_per_machine, machine_rank, dist_url, args,
-                        timeout, backend):
+def _join(backend, init_method, world_size, rank, processes_per_machine, local_rank, timeout, main_func, args):
     # Mirrors detectron2.engine.launch._distributed_worker (D2 0.6) without its CUDA-only steps.
-    global_rank = machine_rank * processes_per_machine + local_rank
     _limit_threads(processes_per_machine)
     try:
-        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank,
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
                                 timeout=timeout)
     except Exception:
-        logger.error(f"Process group URL: {dist_url}")
+        logger.error(f"Process group URL: {init_method}")
         raise
-    _set_local_process_group(world_size, processes_per_machine, machine_rank)
+    _set_local_process_group(world_size, processes_per_machine, rank // processes_per_machine)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     comm.synchronize()
-    _run_and_clean_up(main_func, args)
+    return _run_and_clean_up(main_func, args)
+
+
+def _distributed_worker(local_rank, main_func, world_size, processes_per_machine, machine_rank, dist_url, args,
+                        timeout, backend):
+    rank = machine_rank * processes_per_machine + local_rank
+    _join(backend, dist_url, world_size, rank, processes_per_machine, local_rank, timeout, main_func, args)
 
 
 def _join_torchrun_job(main_func, args, backend, timeout):
-    backend = _resolve_backend(backend)
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     world_size = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    _limit_threads(local_size)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
-    _set_local_process_group(world_size, local_size, rank // local_size)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    comm.synchronize()
-    return _run_and_clean_up(main_func, args)
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return _join(_resolve_backend(backend), "env://", world_size, int(os.environ["RANK"]), local_size,
+                 int(os.environ["LOCAL_RANK"]), timeout, main_func, args)
 
 
 def launch(main_func, processes_per_machine: int, num_machines: int = 1, machine_rank: int = 0, dist_url=None,

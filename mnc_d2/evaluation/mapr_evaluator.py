@@ -14,10 +14,8 @@ Only images seen by ``process`` are evaluated, as D2's ``COCOEvaluator``
 restricts COCOeval to the predicted image ids.
 """
 import itertools
-import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +27,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from ..checkpoint import atomic_write_json
 from .mask_ap import ASSIGNMENTS, INTERPOLATIONS, evaluate_mask_ap
 
 logger = logging.getLogger(__name__)
@@ -119,10 +118,6 @@ def dataset_dicts_to_ground_truths(dataset_dicts: Sequence[dict], image_ids=None
                 }
             )
     return ground_truths
-
-
-def _format_threshold(threshold: float) -> str:
-    return f"{threshold:g}"
 
 
 class MaskAPrEvaluator(DatasetEvaluator):
@@ -240,12 +235,12 @@ class MaskAPrEvaluator(DatasetEvaluator):
         num_reported = len(self._iou_thresholds)
         metrics = OrderedDict()
         for t, threshold in enumerate(self._iou_thresholds):
-            metrics[f"mAP@{_format_threshold(threshold)}"] = float(results["mean_ap"][t] * 100)
+            metrics[f"mAP@{threshold:g}"] = float(results["mean_ap"][t] * 100)
         if self._coco_thresholds_mean:
             metrics["mAP@[0.5:0.95]"] = float(np.mean(results["mean_ap"][num_reported:]) * 100)
         for t, threshold in enumerate(self._iou_thresholds):
             for k, name in enumerate(self._class_names):
-                metrics[f"AP-{name}@{_format_threshold(threshold)}"] = float(
+                metrics[f"AP-{name}@{threshold:g}"] = float(
                     results["ap"][t, k] * 100
                 )
         return metrics
@@ -270,15 +265,8 @@ class MaskAPrEvaluator(DatasetEvaluator):
                 for k, name in enumerate(self._class_names)
             ],
         }
-        os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, RESULTS_FILE)
-        # Write-then-rename so a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self._output_dir, suffix=".tmp", delete=False
-        ) as f:
-            json.dump(payload, f, indent=2)
-            tmp_path = f.name
-        os.replace(tmp_path, path)
+        atomic_write_json(path, payload, indent=2)  # a reader never sees half a file
         logger.info("mAP^r results written to %s", path)
 
 
