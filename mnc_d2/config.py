@@ -58,6 +58,12 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.FINAL_MASK_HEAD.NAME = ""
     # Weight of loss_mask_final (Mask R-CNN's mask loss weight is 1).
     _C.MODEL.MNC.FINAL_MASK_HEAD.LOSS_WEIGHT = 1.0
+    # Train the output mask head (the final head if there is one, else the stage-2 head) also on the
+    # foreground boxes as stage 3 regressed them (labelled at REFINED_FG_IOU, detached): the frame in which
+    # TEST.MASKS_ON_FINAL_BOXES predicts the output masks. Its loss, loss_mask_refined, has that head's weight
+    # (FINAL_MASK_HEAD.LOSS_WEIGHT or MASK_LOSS_WEIGHT). Five stages do this with stage 4; this is the
+    # three-stage model's way, without a stage 5.
+    _C.MODEL.MNC.REFINED_MASK_LOSS = False
 
     # The authors' gating: stage 3 sends gradient into the mask head (through the soft mask) only via
     # RoIs with a positive segment label (see SEGMENT_CLASSIFIER.MASK_IOU); False = via every RoI.

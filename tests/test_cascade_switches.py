@@ -128,6 +128,48 @@ def test_final_mask_head_trains_and_predicts_its_own_mask_size():
         assert len(final) > 0
 
 
+def test_refined_mask_loss_trains_the_output_head_on_the_regressed_boxes(monkeypatch):
+    """loss_mask_refined: the output mask head (the final head if any, else stage 2's) on the foreground
+    boxes as stage 3 regressed them, the frame masks_on_final_boxes predicts in."""
+    from mnc_d2.modeling.roi_heads import MNCROIHeads
+
+    seen = {}
+    original = MNCROIHeads._refined_mask_loss
+
+    def spy(self, features, out, rois, targets):
+        refined = self._refined_boxes(out, [r.image_size for r in rois])
+        seen["refined"] = [torch.cat([b.tensor.detach(), t.gt_boxes.tensor]) for b, t in zip(refined, targets)]
+        pooled = []
+        roi_features = self._roi_features
+        self._roi_features = lambda f, boxes: pooled.append([b.tensor.clone() for b in boxes]) or roi_features(f, boxes)
+        try:
+            return original(self, features, out, rois, targets)
+        finally:
+            del self._roi_features
+            seen["pooled"] = pooled[0]
+
+    monkeypatch.setattr(MNCROIHeads, "_refined_mask_loss", spy)
+    model, losses = train_losses()
+    assert "loss_mask_refined" not in losses and not seen  # off by default
+    for final_head in (False, True):
+        opts = ("MODEL.MNC.REFINED_MASK_LOSS", True, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32)
+        if final_head:
+            opts += ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+                     "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True)
+        model, losses = train_losses(*opts)
+        assert torch.isfinite(losses["loss_mask_refined"]) and losses["loss_mask_refined"] > 0
+        for pooled, refined in zip(seen["pooled"], seen["refined"]):  # regressed boxes (and GT boxes, as stage 4)
+            assert len(pooled) > 0
+            assert ((pooled[:, None] - refined[None]).abs().amax(dim=2).min(dim=1).values < 1e-4).all()
+        losses["loss_mask_refined"].backward()
+        trained, untouched = model.roi_heads.mask_head, model.roi_heads.final_mask_head
+        if final_head:
+            trained, untouched = untouched, trained
+        assert _grad_norm(trained.parameters()) > 0
+        assert untouched is None or _grad_norm(untouched.parameters()) == 0
+        assert _grad_norm(model.roi_heads.box_pathway.parameters()) == 0  # the boxes are detached
+
+
 def test_final_mask_head_needs_masks_on_final_boxes():
     import pytest
 

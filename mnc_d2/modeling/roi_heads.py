@@ -106,6 +106,7 @@ class MNCROIHeads(ROIHeads):
         segment_classifier: Optional[nn.Module] = None,
         final_mask_head: Optional[nn.Module] = None,
         final_mask_loss_weight: float = 1.0,
+        refined_mask_loss: bool = False,
         segment_gating: bool = False,
         masks_on_final_boxes: bool = False,
         num_stages: int = 3,
@@ -142,6 +143,7 @@ class MNCROIHeads(ROIHeads):
         self.segment_classifier = segment_classifier
         self.final_mask_head = final_mask_head  # None: the stage-2 head predicts the output masks
         self.final_mask_loss_weight = final_mask_loss_weight
+        self.refined_mask_loss = refined_mask_loss  # the output mask head also trains on the regressed boxes
         self.segment_gating = segment_gating
         self.masks_on_final_boxes = masks_on_final_boxes
         self.num_stage_pairs = 1 if num_stages == 3 else 2
@@ -237,6 +239,7 @@ class MNCROIHeads(ROIHeads):
             refined_fg_iou=mnc.REFINED_FG_IOU, segment_mask_iou=mnc.SEGMENT_CLASSIFIER.MASK_IOU,
             segment_mask_threshold=mnc.SEGMENT_CLASSIFIER.MASK_THRESHOLD,
             final_mask_head=final_mask_head, final_mask_loss_weight=mnc.FINAL_MASK_HEAD.LOSS_WEIGHT,
+            refined_mask_loss=mnc.REFINED_MASK_LOSS,
             segment_gating=mnc.SEGMENT_GATING, masks_on_final_boxes=mnc.TEST.MASKS_ON_FINAL_BOXES,
             box_gradients=mnc.BOX_GRADIENTS.ENABLED, box_gradient_clip=mnc.BOX_GRADIENTS.CLIP,
             delta_gradient_clip=mnc.BOX_GRADIENTS.DELTA_CLIP,
@@ -295,7 +298,8 @@ class MNCROIHeads(ROIHeads):
         self._sample_stats(sampled, "roi_head")
         return sampled
 
-    def label_refined_boxes(self, refined: List[Boxes], targets: List[Instances]) -> List[Instances]:
+    def label_refined_boxes(self, refined: List[Boxes], targets: List[Instances],
+                            prefix: str = "roi_head_stage4") -> List[Instances]:
         """Stage-4/5 RoIs: refined boxes plus GT boxes, labelled at IoU >= refined_fg_iou, no subsampling."""
         labelled = []
         for boxes_i, targets_i in zip(refined, targets):
@@ -303,7 +307,7 @@ class MNCROIHeads(ROIHeads):
             rois.proposal_boxes = Boxes.cat([boxes_i, targets_i.gt_boxes]) if len(targets_i) else boxes_i
             max_iou, matched = self._match(rois.proposal_boxes.tensor, targets_i)
             labelled.append(self._with_targets(rois, targets_i, matched, max_iou >= self.refined_fg_iou))
-        self._sample_stats(labelled, "roi_head_stage4")
+        self._sample_stats(labelled, prefix)
         return labelled
 
     # ------------------------------------------------------------------ one stage pair
@@ -456,14 +460,28 @@ class MNCROIHeads(ROIHeads):
             out_boxes.append(Boxes(torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], dim=1)))
         return out_boxes
 
-    def _next_rois(self, out: StageOutputs, rois: List[Instances], targets: Optional[List[Instances]]) -> List[Instances]:
-        """RoIs of the next pair: the refined boxes (labelled in training)."""
+    def _next_rois(self, out: StageOutputs, rois: List[Instances], targets: Optional[List[Instances]],
+                   prefix: str = "roi_head_stage4") -> List[Instances]:
+        """RoIs of the next pair: the refined boxes (labelled in training; ``prefix`` of their sample stats)."""
         refined = self._refined_boxes(out, [r.image_size for r in rois])
         # degenerate boxes (e.g. clipped to zero width): infinite regression targets in training, no mask
         refined = [b[Boxes(b.tensor.detach()).nonempty(threshold=self.refined_min_size)] for b in refined]
         if self.training:
-            return self.label_refined_boxes(refined, targets)
+            return self.label_refined_boxes(refined, targets, prefix)
         return [Instances(r.image_size, proposal_boxes=b) for r, b in zip(rois, refined)]
+
+    def _refined_mask_loss(self, features: List[torch.Tensor], out: StageOutputs, rois: List[Instances],
+                           targets: List[Instances]) -> torch.Tensor:
+        """The output mask head (the final head if there is one, else stage 2's) on the foreground boxes as
+        stage 3 regressed them (detached; labelled at refined_fg_iou): the frame in which
+        masks_on_final_boxes predicts at test time."""
+        refined = self._next_rois(out, rois, targets, prefix="roi_head_refined_masks")
+        fg_rois = [r[r.gt_classes < self.num_classes] for r in refined]
+        boxes = [Boxes(r.proposal_boxes.tensor.detach()) for r in fg_rois]
+        head = self.final_mask_head or self.mask_head
+        logits = self._mask_logits(self._roi_features(features, boxes), head)  # (F, 1, M, M)
+        weight = self.final_mask_loss_weight if self.final_mask_head is not None else self.mask_loss_weight
+        return mask_loss(logits, self._mask_targets(fg_rois, logits.shape[-1])) * weight
 
     # ------------------------------------------------------------------ forward
     def forward(self, images, features: Dict[str, torch.Tensor], proposals: List[Instances],
@@ -482,6 +500,8 @@ class MNCROIHeads(ROIHeads):
             outputs.append(self._run_stage_pair(features, rois, pair))
             if self.training:
                 losses.update(self._losses(outputs[-1], rois, pair))
+                if pair == 0 and self.refined_mask_loss:
+                    losses["loss_mask_refined"] = self._refined_mask_loss(features, outputs[0], rois, targets)
         if self.training:
             return [], losses
         candidates = self._inference(outputs, [r.image_size for r in rois])
