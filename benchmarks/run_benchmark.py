@@ -125,6 +125,14 @@ MODELS.update({
     "mnc3_conv_refined": ModelSpec("MNC 3-stage, D2 conv mask head, also trained on the regressed boxes", _MNC_CONFIGS,
                                    ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_MASK_HEAD.NAME",
                                     "MaskRCNNConvUpsampleHead", *_CONV_HEAD, "MODEL.MNC.REFINED_MASK_LOSS", "True")),
+    # the cascade on cheap 7x7 RoI features and the paper's FC mask head, D2's conv head on the final boxes only
+    # (its own 14x14 RoIAlign, also trained on the regressed boxes): Mask R-CNN's mask compute on MNC's cascade
+    "mnc3_fast": ModelSpec("MNC 3-stage, 7x7 cascade + conv mask head on final boxes", _MNC_CONFIGS,
+                           ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
+                            "MODEL.MNC.PATHWAY_POOL", "1", "MODEL.MNC.MASK_HEAD.NUM_CONV", "0",
+                            "MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD,
+                            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", "14", "MODEL.MNC.REFINED_MASK_LOSS", "True",
+                            "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True", "MODEL.MNC.TEST.MASK_VOTING", "False")),
     "mnc3_finalhead": ModelSpec("MNC 3-stage, + conv mask head on final boxes", _MNC_CONFIGS,
                                 ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.FINAL_MASK_HEAD.NAME",
                                  "MaskRCNNConvUpsampleHead", *_CONV_HEAD, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES",

@@ -58,6 +58,10 @@ def add_mnc_config(cfg):
     _C.MODEL.MNC.FINAL_MASK_HEAD.NAME = ""
     # Weight of loss_mask_final (Mask R-CNN's mask loss weight is 1).
     _C.MODEL.MNC.FINAL_MASK_HEAD.LOSS_WEIGHT = 1.0
+    # 0: the final head reads the cascade's RoI features (ROI_BOX_HEAD.POOLER_RESOLUTION). > 0: its own RoIAlign
+    # at this side (type and sampling of MODEL.ROI_MASK_HEAD), e.g. 14 as Mask R-CNN's mask head, so that the
+    # cascade's 300 RoIs can use a cheaper, smaller pooler.
+    _C.MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION = 0
     # Train the output mask head (the final head if there is one, else the stage-2 head) also on the
     # foreground boxes as stage 3 regressed them (labelled at REFINED_FG_IOU, detached): the frame in which
     # TEST.MASKS_ON_FINAL_BOXES predicts the output masks. Its loss, loss_mask_refined, has that head's weight

@@ -170,6 +170,32 @@ def test_refined_mask_loss_trains_the_output_head_on_the_regressed_boxes(monkeyp
         assert _grad_norm(model.roi_heads.box_pathway.parameters()) == 0  # the boxes are detached
 
 
+def test_final_mask_head_with_its_own_pooler():
+    """FINAL_MASK_HEAD.POOLER_RESOLUTION: the cascade pools 7x7 for its RoIs, the final head 14x14 (-> 28x28
+    masks), in training (loss_mask_final, loss_mask_refined) and at test time."""
+    opts = ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True,
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.PATHWAY_POOL", 1,
+            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14, "MODEL.MNC.REFINED_MASK_LOSS", True)
+    model, losses = train_losses(*opts)
+    heads = model.roi_heads
+    assert heads.roi_pooler.output_size == (7, 7) and heads.final_pooler.output_size == (14, 14)
+    for name in ("loss_mask_final", "loss_mask_refined"):
+        assert torch.isfinite(losses[name]) and losses[name] > 0
+    (losses["loss_mask_final"] + losses["loss_mask_refined"]).backward()
+    assert _grad_norm(heads.final_mask_head.parameters()) > 0
+    _, raw, final = _raw_candidates(*opts, "MODEL.MNC.TEST.MASK_VOTING", False)
+    kept = raw.kept_rank >= 0
+    assert raw.pred_masks[kept].shape[-2:] == (28, 28) and len(final) > 0
+
+
+def test_final_pooler_needs_a_final_head():
+    import pytest
+
+    with pytest.raises(ValueError, match="FINAL_MASK_HEAD.NAME"):
+        build_model(small_cfg("MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14))
+
+
 def test_final_mask_head_needs_masks_on_final_boxes():
     import pytest
 

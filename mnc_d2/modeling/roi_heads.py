@@ -106,6 +106,7 @@ class MNCROIHeads(ROIHeads):
         segment_classifier: Optional[nn.Module] = None,
         final_mask_head: Optional[nn.Module] = None,
         final_mask_loss_weight: float = 1.0,
+        final_pooler: Optional[nn.Module] = None,
         refined_mask_loss: bool = False,
         segment_gating: bool = False,
         masks_on_final_boxes: bool = False,
@@ -143,6 +144,7 @@ class MNCROIHeads(ROIHeads):
         self.segment_classifier = segment_classifier
         self.final_mask_head = final_mask_head  # None: the stage-2 head predicts the output masks
         self.final_mask_loss_weight = final_mask_loss_weight
+        self.final_pooler = final_pooler  # None: the final head reads the cascade's RoI features
         self.refined_mask_loss = refined_mask_loss  # the output mask head also trains on the regressed boxes
         self.segment_gating = segment_gating
         self.masks_on_final_boxes = masks_on_final_boxes
@@ -218,7 +220,17 @@ class MNCROIHeads(ROIHeads):
             final_cfg.defrost()
             final_cfg.MODEL.ROI_MASK_HEAD.NAME = mnc.FINAL_MASK_HEAD.NAME
             final_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
-            final_mask_head = build_mask_head(final_cfg, roi_shape)
+            final_shape = roi_shape
+            if mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION > 0:  # its own RoI features, as Mask R-CNN's mask head
+                final_res = mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION
+                ret["final_pooler"] = ParallelROIPooler(output_size=final_res, scales=scales,
+                                                        sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
+                                                        pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE)
+                final_shape = ShapeSpec(channels=in_channels, height=final_res, width=final_res)
+            final_mask_head = build_mask_head(final_cfg, final_shape)
+        elif mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION > 0:
+            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION is the final mask head's: it needs "
+                             "MODEL.MNC.FINAL_MASK_HEAD.NAME")
         box_cfg = _pathway_head_cfg(cfg)
         box_pathway = build_box_head(box_cfg, pathway_shape)
         segment_pathway = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
@@ -333,6 +345,13 @@ class MNCROIHeads(ROIHeads):
             return F.max_pool2d(x, self.pathway_pool)
         return max_pool_square(x, self.pathway_pool)
 
+    def _output_mask_features(self, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """(R, C, P', P') RoI features of the head that predicts the output masks: the final head's own pooler
+        (detached boxes) if it has one, else the cascade's RoI features."""
+        if self.final_pooler is None:
+            return self._roi_features(features, boxes)
+        return self.final_pooler(features, [Boxes(b.tensor.detach()) for b in boxes])
+
     def _mask_logits(self, roi_features: torch.Tensor, head: Optional[nn.Module] = None) -> torch.Tensor:
         """Stage 2: (R, C, P, P) -> class-agnostic mask logits (R, 1, M, M) of ``head`` (the stage-2 head)."""
         mask_logits = (head or self.mask_head).layers(roi_features)
@@ -386,7 +405,9 @@ class MNCROIHeads(ROIHeads):
                 # stage 3 reaches the mask head only through RoIs whose predicted mask is a good segment
                 mask_probs = torch.where(seg_positive[:, None, None, None], mask_probs, mask_probs.detach())
         scores, deltas, seg_scores = self._classify(roi_features, mask_probs)
-        keep_features = roi_features if self.training and pair == 0 and self.final_mask_head is not None else None
+        keep_features = None  # the final mask head's training features (stage 2's RoIs)
+        if self.training and pair == 0 and self.final_mask_head is not None:
+            keep_features = roi_features if self.final_pooler is None else self._output_mask_features(features, boxes)
         return StageOutputs(boxes, mask_logits, mask_probs, scores, deltas, seg_scores, targets, seg_labels,
                             keep_features)
 
@@ -479,7 +500,7 @@ class MNCROIHeads(ROIHeads):
         fg_rois = [r[r.gt_classes < self.num_classes] for r in refined]
         boxes = [Boxes(r.proposal_boxes.tensor.detach()) for r in fg_rois]
         head = self.final_mask_head or self.mask_head
-        logits = self._mask_logits(self._roi_features(features, boxes), head)  # (F, 1, M, M)
+        logits = self._mask_logits(self._output_mask_features(features, boxes), head)  # (F, 1, M, M)
         weight = self.final_mask_loss_weight if self.final_mask_head is not None else self.mask_loss_weight
         return mask_loss(logits, self._mask_targets(fg_rois, logits.shape[-1])) * weight
 
@@ -550,7 +571,7 @@ class MNCROIHeads(ROIHeads):
             c.kept_rank[degenerate] = -1
             kept.append(torch.nonzero(c.kept_rank >= 0).squeeze(1))  # (D,)
         boxes = [c.pred_boxes[k] for c, k in zip(candidates, kept)]
-        mask_probs = self._mask_logits(self._roi_features(features, boxes), self.final_mask_head).sigmoid()
+        mask_probs = self._mask_logits(self._output_mask_features(features, boxes), self.final_mask_head).sigmoid()
         for c, k, probs in zip(candidates, kept, mask_probs.split([len(k) for k in kept])):
             if c.pred_masks.shape[-2:] != probs.shape[-2:]:  # a final head of another mask size
                 c.pred_masks = F.interpolate(c.pred_masks, size=probs.shape[-2:], mode="bilinear", align_corners=False)
