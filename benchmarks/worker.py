@@ -49,9 +49,12 @@ class PeakMemory:
     """Peak memory of this process in MiB: CUDA allocator peak on GPU, else the peak resident set size.
 
     On Linux the RSS peak (``VmHWM``) is reset by writing "5" to ``/proc/self/clear_refs``, so the
-    training and inference peaks are measured separately. Elsewhere ``ru_maxrss`` is used, which
+    training and inference peaks are measured separately; each reset is checked (``VmHWM`` must
+    drop to ``VmRSS``). Where it cannot be reset, or elsewhere, ``ru_maxrss`` is used, which
     never goes down (``resettable`` is False and the inference peak is then max(train, inference)).
     """
+
+    RESET_SLACK_MB = 16.0  # RSS may grow between the reset and the read
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -62,14 +65,17 @@ class PeakMemory:
             self.resettable = self._clear_refs()
             self.method = "rss_vmhwm" if self.resettable else "rss_ru_maxrss"
 
-    @staticmethod
-    def _clear_refs() -> bool:
+    @classmethod
+    def _clear_refs(cls) -> bool:
+        """Reset ``VmHWM`` to the current RSS; False where the kernel refuses or ignores the reset."""
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            return True
         except OSError:
             return False
+        hwm, rss = cls._status_mb("VmHWM"), cls._status_mb("VmRSS")
+        # Some kernels accept the write and keep the old peak: then the peak is not resettable.
+        return hwm is not None and rss is not None and hwm <= rss + cls.RESET_SLACK_MB
 
     @staticmethod
     def _status_mb(field: str) -> Optional[float]:
@@ -85,8 +91,8 @@ class PeakMemory:
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif self.resettable:
-            self._clear_refs()
+        elif self.resettable and not self._clear_refs():
+            self.resettable, self.method = False, "rss_ru_maxrss"
 
     def peak_mb(self) -> float:
         if self.cuda:
