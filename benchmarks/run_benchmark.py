@@ -388,9 +388,29 @@ def _portable(spec: Dict) -> str:
     return text
 
 
+def resolved_config(spec: Dict) -> Dict:
+    """``spec``'s config file + opts resolved now, as the worker's ``config_snapshot``."""
+    from benchmarks.worker import config_snapshot  # imports detectron2: only when --resume finds a saved run
+    from mnc_d2.config_checks import build_cfg
+
+    import mnc_d2  # noqa: F401  (registers the model parts the config names)
+    return config_snapshot(build_cfg(spec["config_file"], list(spec["opts"])))
+
+
+def config_changes(saved: Dict, current: Dict) -> List[str]:
+    """Keys whose value differs between a saved snapshot and today's; a key only one side has (added or
+    removed since) is not a change of this run's model, nor is MODEL.MNC.* for another meta-architecture
+    (Mask R-CNN inherits the MNC CPU config, whose MNC defaults it never reads)."""
+    mnc = "MNC" in (saved.get("MODEL.META_ARCHITECTURE"), current.get("MODEL.META_ARCHITECTURE"))
+    return sorted(k for k in saved.keys() & current.keys()
+                  if saved[k] != current[k] and (mnc or not k.startswith("MODEL.MNC.")))
+
+
 def reusable_result(spec: Dict, diverged_too: bool = False) -> Optional[Dict]:
-    """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec (with
-    ``diverged_too``, also a training that failed by diverging: a deterministic outcome, not a crash)."""
+    """With --resume: the saved result of ``spec``'s model if it finished ok with exactly this spec and, where
+    the result holds a config snapshot, the same resolved config (a default or config file changed since
+    retrains it). With ``diverged_too``, also a training that failed by diverging: a deterministic outcome,
+    not a crash."""
     spec_file = os.path.join(spec["work_dir"], "spec.json")
     try:
         with open(spec_file) as f:
@@ -405,6 +425,12 @@ def reusable_result(spec: Dict, diverged_too: bool = False) -> Optional[Dict]:
         return None
     if _portable(saved_spec) != _portable(json.loads(json.dumps(spec))):
         return None
+    if "config" in result:
+        changed = config_changes(result["config"], resolved_config(spec))
+        if changed:
+            print(f"[bench] {spec['name']}: not reused, its resolved config changed since it was trained: "
+                  f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}", flush=True)
+            return None
     result["reused"] = True
     return result
 

@@ -391,6 +391,23 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+def config_snapshot(cfg) -> Dict:
+    """The resolved config as {dotted key: value} (JSON types), OUTPUT_DIR left out: ``--resume`` compares a
+    saved run's snapshot with its config as resolved today, so a changed default or config file retrains it."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + key + ".")
+            else:
+                flat[prefix + key] = value
+
+    walk(cfg, "")
+    flat.pop("OUTPUT_DIR", None)
+    return json.loads(json.dumps(flat))  # tuples -> lists, as read back from result.json
+
+
 def shared_settings_digest(cfg) -> str:
     text = json.dumps({key: _get(cfg, key) for key in SHARED_KEYS}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
@@ -442,6 +459,7 @@ def run(spec: Dict) -> Dict:
     result["output_dir"] = cfg.OUTPUT_DIR
     result["settings"] = describe_settings(cfg)
     result["shared_settings_digest"] = shared_settings_digest(cfg)
+    result["config"] = config_snapshot(cfg)
     memory = PeakMemory(device)
     trainer_cls = _trainer_class()
     try:

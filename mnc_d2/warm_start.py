@@ -15,6 +15,10 @@ fresh, and the report says why:
   ``ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL`` (14 / 2 = 7 in MNC's configs) equals the
   checkpoint's box pooler resolution (7 in D2's).
 * ``roi_heads.mask_head.predictor``: MNC's stage 2 predicts one class-agnostic mask, D2 one per class.
+* ``roi_heads.final_mask_head.*`` (MNC's default: D2's conv mask head on the final boxes) has no
+  counterpart in D2. When the checkpoint has none it is initialised from the checkpoint's mask head
+  (the same architecture in a Mask R-CNN checkpoint): its convs and deconv load; its predictor is
+  class-agnostic, so it is fresh when the checkpoint's is per class.
 
 D2 0.6's checkpointer already skips shape-mismatched tensors, one warning each; here every load
 ends in one summary (tensors loaded per module, fresh ones with the reason, unused checkpoint
@@ -44,6 +48,7 @@ from .modeling.roi_heads import rename_legacy_pathway_keys
 
 __all__ = [
     "MNCWarmStartCheckpointer",
+    "add_final_mask_head_from_mask_head",
     "add_segment_pathway_from_box_head",
     "format_warm_start_report",
     "warm_start_report",
@@ -52,6 +57,14 @@ __all__ = [
 
 BOX_HEAD_PREFIX = "roi_heads.box_pathway."
 SEG_HEAD_PREFIX = "roi_heads.segment_pathway."
+MASK_HEAD_PREFIX = "roi_heads.mask_head."
+FINAL_MASK_PREFIX = "roi_heads.final_mask_head."
+# Model parts a D2 checkpoint lacks, initialised from a part it has: (target, source, why it may).
+DERIVED_PARTS = (
+    (SEG_HEAD_PREFIX, BOX_HEAD_PREFIX, "the checkpoint has no segment pathway; same architecture"),
+    (FINAL_MASK_PREFIX, MASK_HEAD_PREFIX, "the checkpoint has no final mask head; where the names and shapes "
+                                          "match, the same architecture"),
+)
 # Buffers D2 sets from the config, never from a checkpoint (D2's checkpointer ignores them too).
 _FROM_CONFIG = ("pixel_mean", "pixel_std")
 
@@ -63,6 +76,21 @@ def _strip_module_prefix(state_dict: Dict[str, object]) -> None:
             state_dict[key[len("module."):]] = state_dict.pop(key)
 
 
+def _copy_part(model: nn.Module, state_dict: Dict[str, torch.Tensor], target: str, source: str) -> Dict[str, str]:
+    """Add ``target + X`` = checkpoint ``source + X`` to ``state_dict`` (in place) for every ``target + X`` the
+    model has, when the checkpoint has no ``target`` entries. Tensors are copied whatever their shape; a
+    mismatch is reported like any other. Returns {model name: checkpoint name} of the added entries."""
+    if any(k.startswith(target) for k in state_dict):
+        return {}
+    model_keys = model.state_dict().keys()
+    copied = OrderedDict()
+    for key in list(state_dict):
+        if key.startswith(source) and target + key[len(source):] in model_keys:
+            copied[target + key[len(source):]] = key
+            state_dict[target + key[len(source):]] = state_dict[key].clone()
+    return dict(copied)
+
+
 def add_segment_pathway_from_box_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
     """Add ``roi_heads.segment_pathway.X`` = checkpoint ``roi_heads.box_pathway.X`` to ``state_dict`` (in place)
     when the model has a segment pathway and the checkpoint none (a D2 checkpoint). Tensors are
@@ -71,17 +99,14 @@ def add_segment_pathway_from_box_head(model: nn.Module, state_dict: Dict[str, to
     Returns:
         {model name: checkpoint name} of the added entries (empty if nothing was added).
     """
-    if any(k.startswith(SEG_HEAD_PREFIX) for k in state_dict):
-        return {}
-    model_keys = model.state_dict().keys()
-    copied = OrderedDict()
-    for key in list(state_dict):
-        if key.startswith(BOX_HEAD_PREFIX):
-            target = SEG_HEAD_PREFIX + key[len(BOX_HEAD_PREFIX):]
-            if target in model_keys:
-                state_dict[target] = state_dict[key].clone()
-                copied[target] = key
-    return dict(copied)
+    return _copy_part(model, state_dict, SEG_HEAD_PREFIX, BOX_HEAD_PREFIX)
+
+
+def add_final_mask_head_from_mask_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Add ``roi_heads.final_mask_head.X`` = checkpoint ``roi_heads.mask_head.X`` (in place) when the model has
+    a final mask head (``MODEL.MNC.FINAL_MASK_HEAD``) and the checkpoint none: a D2 Mask R-CNN's conv mask
+    head is the final head's architecture. Returns {model name: checkpoint name} of the added entries."""
+    return _copy_part(model, state_dict, FINAL_MASK_PREFIX, MASK_HEAD_PREFIX)
 
 
 def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: Tuple[int, ...]) -> str:
@@ -99,6 +124,11 @@ def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: 
     if name.startswith("roi_heads.mask_head.predictor.") and same_rank and model_shape[0] == 1 \
             and checkpoint_shape[0] > 1:
         return f"MNC's stage 2 predicts 1 class-agnostic mask, the checkpoint {checkpoint_shape[0]} class masks"
+    if name.startswith(FINAL_MASK_PREFIX + "predictor.") and same_rank and model_shape[0] == 1 \
+            and checkpoint_shape[0] > 1:
+        return f"MNC's output masks are class-agnostic (1 mask), the checkpoint's {checkpoint_shape[0]} class masks"
+    if name.startswith(FINAL_MASK_PREFIX):
+        return "other final mask head (MODEL.MNC.FINAL_MASK_HEAD.NAME, MODEL.ROI_MASK_HEAD.NUM_CONV / CONV_DIM)"
     if name.startswith("roi_heads.mask_head."):
         return "other mask head (MODEL.ROI_MASK_HEAD.NAME / MNC.MASK_HEAD.*)"
     return "shape mismatch"
@@ -112,6 +142,8 @@ def _missing_reason(name: str, checkpoint_keys) -> str:
         return "the checkpoint has no mask head (Faster R-CNN)"
     if name.startswith("roi_heads.segment_classifier."):
         return "MNC's segment-aware classifier has no D2 counterpart"
+    if name.startswith(FINAL_MASK_PREFIX):
+        return "the checkpoint has no final mask head, and its mask head (if any) has other names"
     if name.startswith(SEG_HEAD_PREFIX):
         if any(k.startswith(BOX_HEAD_PREFIX) for k in checkpoint_keys):
             return "no segment pathway in the checkpoint, and not copied from its box head"
@@ -189,9 +221,10 @@ def format_warm_start_report(report: dict, source: str = "the checkpoint") -> st
         f"mismatch), {len(report['unused'])} checkpoint tensors unused.",
         "Loaded: " + (", ".join(f"{m} ({n})" for m, n in counts.items()) or "nothing"),
     ]
-    if report["copied"]:
-        lines.append(f"{SEG_HEAD_PREFIX}* ({len(report['copied'])} tensors) initialised from the checkpoint's "
-                     f"{BOX_HEAD_PREFIX}* (the checkpoint has no segment pathway; same architecture).")
+    for target, source, why in DERIVED_PARTS:
+        n = sum(name.startswith(target) for name in report["copied"])
+        if n:
+            lines.append(f"{target}* ({n} tensors) initialised from the checkpoint's {source}* ({why}).")
     if fresh_counts:
         lines.append("Initialised fresh: " + ", ".join(f"{m} ({n})" for m, n in fresh_counts.items()))
     rows = []
@@ -213,7 +246,8 @@ def format_warm_start_report(report: dict, source: str = "the checkpoint") -> st
 
 class MNCWarmStartCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that (1) reads ``.pth`` files with ``torch.load(weights_only=True)``,
-    (2) initialises the segment pathway from the checkpoint's box head when the checkpoint has none,
+    (2) initialises the segment pathway from the checkpoint's box head when the checkpoint has none
+    (and the final mask head from its mask head: :func:`add_final_mask_head_from_mask_head`),
     and (3) logs one summary of what loaded and what is fresh and why (instead of D2's per-key
     warnings; a WARNING when anything is fresh or unused, else INFO). Saving is D2's. The last report is kept in ``self.last_report``.
 
@@ -278,6 +312,7 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
                                                       c2_conversion=checkpoint.get("__author__") == "Caffe2")
             checkpoint["matching_heuristics"] = False
         copied = add_segment_pathway_from_box_head(self.model, state_dict) if self.segment_pathway_from_box_head else {}
+        copied.update(add_final_mask_head_from_mask_head(self.model, state_dict))
         checkpoint["model"] = state_dict
         self.last_report = warm_start_report(self.model, state_dict, copied)
         something_fresh = self.last_report["fresh"] or self.last_report["unused"]

@@ -50,12 +50,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def small_cfg(*opts):
-    """The CPU config, made smaller for unit tests, with extra ``opts`` merged in."""
+# The cascade's own output path, as the CPU config was before MNC's default (configs/Base-MNC.yaml) added a
+# final mask head on 7x7 cascade features: the stage-2 head (one 3x3 conv) predicts the output masks, merged
+# by voting. The unit tests of the cascade's mechanics (and its reference-equivalence test) run on it.
+CASCADE_OUTPUT_OPTS = (
+    "MODEL.MNC.FINAL_MASK_HEAD.NAME", "", "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 0,
+    "MODEL.MNC.REFINED_MASK_LOSS", False, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", False,
+    "MODEL.MNC.TEST.MASK_VOTING", True, "MODEL.MNC.PATHWAY_POOL", 2, "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3,
+    "MODEL.MNC.MASK_HEAD.NUM_CONV", 1,
+)
+
+
+def small_cfg(*opts, mnc_default: bool = False):
+    """The CPU config, made smaller for unit tests, with extra ``opts`` merged in: on the cascade's own
+    output path (CASCADE_OUTPUT_OPTS), or with ``mnc_default`` as the config is (MNC's default)."""
     cfg = get_cfg()
     mnc_d2.add_mnc_config(cfg)
     cfg.merge_from_file(CPU_CONFIG)
     cfg.merge_from_list([
+        *(() if mnc_default else CASCADE_OUTPUT_OPTS),
         "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
         "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
         "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.MNC.MASK_HEAD.FC_DIM", 64,

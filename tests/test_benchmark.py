@@ -1,6 +1,7 @@
 """benchmarks/: the MNC vs Mask R-CNN benchmark. Fast checks of its configs, schedule and report
 code, and one end-to-end run at ``--size tiny`` (all three models, a few iterations, 4 val images)
 whose three outputs are checked for form (the numbers of such a run mean nothing)."""
+import glob
 import json
 import os
 import subprocess
@@ -52,7 +53,19 @@ def test_model_configs_are_what_they_claim():
                                                                          mnc3.MODEL.ROI_BOX_HEAD.FC_DIM)
     assert (mask.NAME, mask.NUM_CONV, mask.POOLER_RESOLUTION, mask.CLS_AGNOSTIC_MASK) == (
         "MaskRCNNConvUpsampleHead", 4, 14, False)
-    assert mask.CONV_DIM == mnc3.MODEL.MNC.MASK_HEAD.CONV_DIM
+    # MNC's default: the cascade on D2's 7x7 RoI features, D2's mask head (as wide as Mask R-CNN's) on the
+    # final boxes, masks not voted, D2's NMS
+    mnc = mnc3.MODEL.MNC
+    assert (mnc3.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, mnc.PATHWAY_POOL, mnc.MASK_HEAD.NUM_CONV) == (7, 1, 0)
+    assert (mnc.FINAL_MASK_HEAD.NAME, mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION, mnc.REFINED_MASK_LOSS) == (
+        "MaskRCNNConvUpsampleHead", mask.POOLER_RESOLUTION, True)
+    assert (mnc3.MODEL.ROI_MASK_HEAD.NUM_CONV, mnc3.MODEL.ROI_MASK_HEAD.CONV_DIM) == (mask.NUM_CONV, mask.CONV_DIM)
+    assert (mnc.TEST.MASKS_ON_FINAL_BOXES, mnc.TEST.MASK_VOTING, mnc3.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (
+        True, False, roi.NMS_THRESH_TEST)
+    paper = _cfg("paper")  # the authors' values, pinned back in the paper config
+    assert (paper.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, paper.MODEL.MNC.PATHWAY_POOL,
+            paper.MODEL.MNC.FINAL_MASK_HEAD.NAME, paper.MODEL.MNC.TEST.MASK_VOTING,
+            paper.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (14, 2, "", True, 0.3)
     hela = _cfg("maskrcnn", "hela")
     assert hela.MODEL.ROI_HEADS.NUM_CLASSES == 1 and hela.DATASETS.TEST == ("hela_nuclei_val",)
 
@@ -367,6 +380,61 @@ def test_resume_reuses_only_finished_results_of_the_same_spec(tmp_path):
             json.dump(content, f)
     here = run_benchmark.model_spec("mnc3", run_benchmark.parse_args(["--out", str(moved)]), str(moved / "runs" / "mnc3"))
     assert run_benchmark.reusable_result(here)["status"] == "ok"
+
+
+def test_resume_retrains_a_run_whose_resolved_config_changed(tmp_path, capsys):
+    """Same spec (config file + opts), but a default or the config file changed since: not reused."""
+    args = run_benchmark.parse_args(["--out", str(tmp_path), "--iters", "7"])
+    spec = run_benchmark.model_spec("mnc3", args, str(tmp_path / "runs" / "mnc3"))
+    os.makedirs(spec["work_dir"])
+    with open(os.path.join(spec["work_dir"], "spec.json"), "w") as f:
+        json.dump(spec, f)
+    snapshot = run_benchmark.resolved_config(spec)
+    assert snapshot["SOLVER.MAX_ITER"] == 7 and "OUTPUT_DIR" not in snapshot
+    assert snapshot["MODEL.MNC.FINAL_MASK_HEAD.NAME"] == "MaskRCNNConvUpsampleHead"  # MNC's default
+    ok = _fake_result("mnc3", 1.0, 0.2, 100, 20.0)
+    cases = (
+        (snapshot, True),  # unchanged
+        (dict(snapshot, **{"MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.3}), False),  # trained under an older default
+        ({k: v for k, v in snapshot.items() if k != "MODEL.MNC.REFINED_MASK_LOSS"}, True),  # a key added since
+    )
+    for saved, reused in cases:
+        with open(spec["result_file"], "w") as f:
+            json.dump(dict(ok, config=saved), f)
+        assert (run_benchmark.reusable_result(spec) is not None) == reused
+    assert "MODEL.ROI_HEADS.NMS_THRESH_TEST" in capsys.readouterr().out  # says why it retrains
+    mask_rcnn = {"MODEL.META_ARCHITECTURE": "GeneralizedRCNN", "MODEL.MNC.NUM_STAGES": 3, "SEED": 1}
+    assert run_benchmark.config_changes(mask_rcnn, dict(mask_rcnn, **{"MODEL.MNC.NUM_STAGES": 5})) == []
+    assert run_benchmark.config_changes(mask_rcnn, dict(mask_rcnn, SEED=2)) == ["SEED"]
+
+
+def test_committed_ablation_runs_still_resolve_to_the_config_they_were_trained_with():
+    """MNC's default changed after the ablation was trained (Base-MNC.yaml); the paper config pins the
+    reference values back, so every committed ablation run still matches its config and --resume reuses it."""
+    files = glob.glob(os.path.join(REPO, "docs", "benchmarks", "ablation", "**", "runs", "*", "result.json"),
+                      recursive=True)
+    checked = 0
+    for path in files:
+        with open(path) as f:
+            result = json.load(f)
+        if "config" not in result:  # a diverged run, saved without its config
+            continue
+        with open(os.path.join(os.path.dirname(path), "spec.json")) as f:
+            spec = json.load(f)
+        spec["config_file"] = os.path.join(REPO, "configs", spec["config_file"].split("/configs/", 1)[1])
+        assert run_benchmark.config_changes(result["config"], run_benchmark.resolved_config(spec)) == [], path
+        checked += 1
+    assert checked >= 20
+
+
+def test_worker_config_snapshot_round_trips_through_json():
+    from conftest import small_cfg
+
+    cfg = small_cfg("OUTPUT_DIR", "/somewhere")
+    snapshot = worker.config_snapshot(cfg)
+    assert "OUTPUT_DIR" not in snapshot
+    assert snapshot["INPUT.MIN_SIZE_TRAIN"] == list(cfg.INPUT.MIN_SIZE_TRAIN)  # a tuple, as JSON reads it back
+    assert json.loads(json.dumps(snapshot)) == snapshot
 
 
 # ---------------------------------------------------------------------------------------- --time-only, ablation

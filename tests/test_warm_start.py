@@ -17,7 +17,8 @@ from conftest import REPO, small_cfg
 from mnc_d2.data.datasets.builtin import register_mnc_shapes
 from mnc_d2.engine import Trainer
 from mnc_d2.modeling.roi_heads import rename_legacy_pathway_keys
-from mnc_d2.warm_start import MNCWarmStartCheckpointer, add_segment_pathway_from_box_head, warm_start_report
+from mnc_d2.warm_start import (MNCWarmStartCheckpointer, add_final_mask_head_from_mask_head,
+                               add_segment_pathway_from_box_head, warm_start_report)
 
 NUM_CLASSES = 5  # the small config's
 
@@ -233,9 +234,9 @@ def test_legacy_pickles(tmp_path, mask_rcnn_checkpoint):
 
 def test_d2_model_zoo_mask_rcnn_into_mnc():
     """The flagship path, D2's R50-FPN Mask R-CNN -> MNC, compared on state dicts (no file): with the
-    D2 config switched to MNC only the predictors are fresh; with mnc_d2's R50-FPN config (14x14 RoI
-    features pooled 2x2 to D2's 7x7, the paper's FC mask head) the box head loads too, the mask head is
-    fresh."""
+    D2 config switched to MNC only the predictors are fresh; with mnc_d2's R50-FPN config (MNC's default:
+    7x7 RoI features, the paper's FC mask head at stage 2, D2's conv head on the final boxes) the box head
+    loads too, the stage-2 mask head is fresh and the final mask head loads from D2's, but its predictor."""
     def zoo_cfg(path, *opts):
         cfg = get_cfg()
         mnc_d2.add_mnc_config(cfg)
@@ -256,14 +257,21 @@ def test_d2_model_zoo_mask_rcnn_into_mnc():
     ]
     assert report["unused"] == []
 
-    mnc = build_model(zoo_cfg(os.path.join(REPO, "configs", "mnc_R_50_FPN_1x.yaml")))
+    mnc = build_model(zoo_cfg(os.path.join(REPO, "configs", "mnc_R_50_FPN_1x.yaml")))  # MNC's default
     state = dict(d2_state)
     rename_legacy_pathway_keys(state, "roi_heads.")
-    report = warm_start_report(mnc, state, add_segment_pathway_from_box_head(mnc, state))
+    copied = add_segment_pathway_from_box_head(mnc, state)
+    copied.update(add_final_mask_head_from_mask_head(mnc, state))
+    report = warm_start_report(mnc, state, copied)
     fresh = set(report["fresh"])
     assert not fresh & {"roi_heads.box_pathway.fc1.weight", "roi_heads.segment_pathway.fc1.weight"}
-    assert {k for k in mnc.state_dict() if k.startswith("roi_heads.mask_head.")} <= fresh
-    assert all(k.startswith(("roi_heads.mask_head.", "roi_heads.box_predictor.")) for k in fresh)
+    assert {k for k in mnc.state_dict() if k.startswith("roi_heads.mask_head.")} <= fresh  # the paper's FC head
+    # the final mask head is D2's: its 4 convs and deconv load from Mask R-CNN's, its predictor is class-agnostic
+    final = {k for k in mnc.state_dict() if k.startswith("roi_heads.final_mask_head.")}
+    assert final & fresh == {"roi_heads.final_mask_head.predictor.weight", "roi_heads.final_mask_head.predictor.bias"}
+    assert final <= set(copied) and len(final - fresh) == 10  # mask_fcn1-4, deconv: weight and bias
+    assert all(k.startswith(("roi_heads.mask_head.", "roi_heads.box_predictor.", "roi_heads.final_mask_head.predictor."))
+               for k in fresh)
     assert not any(k.startswith(("backbone.", "proposal_generator.")) for k in report["fresh"] + report["unused"])
 
 
