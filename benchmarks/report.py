@@ -51,6 +51,13 @@ def peak_memory_mb(result: Dict) -> Optional[float]:
     return max(peaks) if peaks else None
 
 
+def gflops_per_image(result: Dict) -> Optional[float]:
+    """Mean GFLOPs per val image on the final weights (mnc_d2.analyze's eager count; 1 multiply-add = 1)."""
+    if not _ok(result) or not result.get("flops"):
+        return None
+    return result["flops"]["eager_total"] / 1e9
+
+
 def final_ap(result: Dict, task: str = "segm", key: str = "AP") -> Optional[float]:
     if not _ok(result):
         return None
@@ -84,6 +91,7 @@ def compare(models: Dict[str, Dict], baseline: str = BASELINE) -> Dict[str, Dict
             "train_cpu_time_ratio": _ratio(train_cpu_s_per_iter(result), train_cpu_s_per_iter(base)),
             "inference_time_ratio": _ratio(inference_s_per_image(result), inference_s_per_image(base)),
             "memory_ratio": _ratio(peak_memory_mb(result), peak_memory_mb(base)),
+            "flops_ratio": _ratio(gflops_per_image(result), gflops_per_image(base)),
             "segm_ap_diff": _diff(final_ap(result, "segm"), final_ap(base, "segm")),
             "bbox_ap_diff": _diff(final_ap(result, "bbox"), final_ap(base, "bbox")),
         }
@@ -139,12 +147,12 @@ def markdown(report: Dict) -> str:
         f"({meta['num_val_images']} images) every {meta['eval_period']} iterations, seed {meta['seed']}; "
         f"git {meta['git']}."
     )
-    lines += ["", "| model | train s/iter | ÷ MR | infer s/img | ÷ MR | peak MB | ÷ MR | segm AP | AP50 | AP75 "
-              "| bbox AP | Δ segm AP |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| model | train s/iter | ÷ MR | infer s/img | ÷ MR | GFLOPs/img | ÷ MR | peak MB | ÷ MR | segm AP "
+              "| AP50 | AP75 | bbox AP | Δ segm AP |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in models.items():
         title = f"{result.get('label', name)} (`{name}`)"
         if not _ok(result):
-            lines.append(f"| {title} | {result.get('status', '?')}: {result.get('message', '')} |" + " |" * 11)
+            lines.append(f"| {title} | {result.get('status', '?')}: {result.get('message', '')} |" + " |" * 13)
             continue
         cmp_ = comparison.get(name, {})
         is_base = name == report["baseline"]
@@ -153,6 +161,7 @@ def markdown(report: Dict) -> str:
             title,
             _fmt(train_s_per_iter(result)), one or _fmt(cmp_.get("train_time_ratio"), ".2f"),
             _fmt(inference_s_per_image(result)), one or _fmt(cmp_.get("inference_time_ratio"), ".2f"),
+            _fmt(gflops_per_image(result), ".2f"), one or _fmt(cmp_.get("flops_ratio"), ".2f"),
             _fmt(peak_memory_mb(result), ".0f"), one or _fmt(cmp_.get("memory_ratio"), ".2f"),
             _fmt(final_ap(result, "segm"), ".1f"), _fmt(final_ap(result, "segm", "AP50"), ".1f"),
             _fmt(final_ap(result, "segm", "AP75"), ".1f"), _fmt(final_ap(result, "bbox"), ".1f"),
@@ -164,7 +173,9 @@ def markdown(report: Dict) -> str:
                   + ". Their times were measured in that invocation, on the same machine."]
     lines += ["", "÷ MR: ratio to Mask R-CNN measured in this run. Times are medians after warm-up (training: "
               "one `run_step` = data + forward + backward + update, evaluation excluded; inference: "
-              "`model([image])` in eval mode, mask pasting included). Peak MB: "
+              "`model([image])` in eval mode, mask pasting included). GFLOPs/img: `mnc_d2.analyze`'s count on the "
+              "first val images with the final weights (every op that ran, heads on the RoIs and detections they "
+              "really ran on; 1 multiply-add = 1 flop), independent of machine load. Peak MB: "
               f"{_memory_phrase(models)}. AP: COCO AP (0-100) after the last iteration.", ""]
 
     if comparison:
@@ -342,23 +353,25 @@ def timing_markdown(meta: Dict, models: Dict[str, Dict], baseline: str = BASELIN
     """Inference s/image and training s/iteration of every model (and test-time variant), with their ratios
     to the baseline, all from one ``--time-only`` invocation."""
     base = models.get(baseline) or {}
-    base_inf, base_train = inference_s_per_image(base), train_s_per_iter(base)
+    base_inf, base_train, base_flops = inference_s_per_image(base), train_s_per_iter(base), gflops_per_image(base)
     lines = [f"# Timing: {meta['dataset']}, {meta['threads']} threads, one invocation", "",
              f"`{meta['command']}` (git {meta['git']}, started {meta['started']}, {meta['wall_s'] / 60:.1f} min). "
              f"Final weights of each model, timed back to back: inference = median s/image at batch 1 on the val "
              f"images; training = median s/iteration over {meta['timing_iters']} steps after a warm-up.", "",
-             "| model | inference s/img | × Mask R-CNN | train s/iter | × Mask R-CNN | train peak MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | inference s/img | × Mask R-CNN | train s/iter | × Mask R-CNN | GFLOPs/img | × Mask R-CNN "
+             "| train peak MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in models.items():
         if not _ok(result):
-            lines.append(f"| {name} | {result.get('status')}: {result.get('message', '')} | | | | |")
+            lines.append(f"| {name} | {result.get('status')}: {result.get('message', '')} | | | | | | |")
             continue
         inf, train = inference_s_per_image(result), train_s_per_iter(result)
+        flops = gflops_per_image(result)
         lines.append(f"| {name} | {_fmt(inf)} | {_fmt(_ratio(inf, base_inf), '.2f')} | {_fmt(train)} | "
-                     f"{_fmt(_ratio(train, base_train), '.2f')} | {_fmt(result['memory'].get('train_peak_mb'), '.0f')} |")
+                     f"{_fmt(_ratio(train, base_train), '.2f')} | {_fmt(flops, '.2f')} | "
+                     f"{_fmt(_ratio(flops, base_flops), '.2f')} | {_fmt(result['memory'].get('train_peak_mb'), '.0f')} |")
         for variant, timing in (result.get("variants") or {}).items():
             v_inf = timing["inference"]["s_per_image"]["median"]
-            lines.append(f"| {name} [{variant}] | {_fmt(v_inf)} | {_fmt(_ratio(v_inf, base_inf), '.2f')} | | | |")
+            lines.append(f"| {name} [{variant}] | {_fmt(v_inf)} | {_fmt(_ratio(v_inf, base_inf), '.2f')} | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -291,6 +291,8 @@ def parse_args(argv=None):
                              "test-time variants) and --timing-iters training steps; writes timing.{json,md} with "
                              "ratios to Mask R-CNN")
     parser.add_argument("--timing-iters", type=int, default=20, help="--time-only: timed training steps per model")
+    parser.add_argument("--flop-images", type=int, default=5,
+                        help="--time-only: val images for each model's FLOP count (mnc_d2.analyze); 0 = none")
     parser.add_argument("--verbose", action="store_true", help="echo the models' full Detectron2 logs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config pairs applied to every model (after all of the above)")
@@ -459,12 +461,12 @@ def time_only(args, argv) -> int:
             models[name] = {"name": name, "status": "skipped", "message": f"no {work_dir}/spec.json: not trained"}
             print(f"[bench] ({i + 1}/{len(args.models)}) {name}: skipped ({models[name]['message']})", flush=True)
             continue
-        spec.update(mode="time", threads=args.threads, timing_iters=args.timing_iters,
+        spec.update(mode="time", threads=args.threads, timing_iters=args.timing_iters, flop_images=args.flop_images,
                     result_file=os.path.join(work_dir, "timing_result.json"))
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)
         models[name] = run_worker(spec, args.verbose)
     meta = {"dataset": args.dataset, "out": args.out, "models": args.models, "threads": args.threads,
-            "timing_iters": args.timing_iters, "git": git_description(),
+            "timing_iters": args.timing_iters, "flop_images": args.flop_images, "git": git_description(),
             "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
             "started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
             "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}}

@@ -290,6 +290,22 @@ def measure_inference(trainer_cls, cfg, model, dataset_name: str, num_images: Op
 
 
 # ---------------------------------------------------------------------------------------- test-time variants
+def measure_flops(cfg, model, dataset_name: str, num_images: int) -> Dict:
+    """mnc_d2.analyze's FLOP count on the first ``num_images`` val images with these weights (eval mode)."""
+    from detectron2.data import build_detection_test_loader
+    from mnc_d2.analyze import count_flops
+
+    inputs = []
+    for batch in build_detection_test_loader(cfg, dataset_name):
+        inputs.extend(batch)
+        if len(inputs) >= num_images:
+            break
+    was_training = model.training
+    flops = count_flops(model, inputs[:num_images])
+    model.train(was_training)
+    return {**flops, "gflops_per_image": round(flops["eager_total"] / 1e9, 4)}
+
+
 def evaluate_variant(trainer_cls, spec: Dict, variant_opts, state_dict: Dict, memory: PeakMemory,
                      device: str) -> Dict:
     """Evaluate and time the trained weights again with test-time config changes (e.g. mask voting
@@ -511,6 +527,8 @@ def run(spec: Dict) -> Dict:
                                   memory, device)
     result["memory"]["inference_peak_mb"] = inference.pop("peak_mb")
     result["inference"] = inference
+    if spec.get("flop_images"):
+        result["flops"] = measure_flops(cfg, model, val_name, spec["flop_images"])
     progress(f"{spec['label']}: {result['train']['s_per_iter']['median']:.3f} s/iter, "
              f"{inference['s_per_image']['median']:.3f} s/image, peak {result['memory']['train_peak_mb']:.0f} MB, "
              f"segm AP {result['eval']['final'].get('segm', {}).get('AP')}")
@@ -570,6 +588,8 @@ def time_model(spec: Dict) -> Dict:
                                   memory, device)
     result["memory"] = {"method": memory.method, "inference_peak_mb": inference.pop("peak_mb")}
     result["inference"] = inference
+    if spec.get("flop_images"):
+        result["flops"] = measure_flops(cfg, model, val_name, spec["flop_images"])
     result["variants"] = {}
     if cfg.MODEL.META_ARCHITECTURE == "MNC":
         from mnc_d2.engine import build_cfg

@@ -2,7 +2,7 @@
 import sys
 import warnings
 
-PATCH_LEVEL = 2  # the LEVEL scripts/patch_detectron2_sdist.sh writes; an older patched build is rebuilt
+PATCH_LEVEL = 3  # the LEVEL scripts/patch_detectron2_sdist.sh writes; an older patched build is rebuilt
 
 
 def main(quiet: bool) -> int:

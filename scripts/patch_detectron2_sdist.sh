@@ -59,6 +59,11 @@ patch_re detectron2/layers/mask_ops.py 'np\.array\(mask, copy=False\)' -e 's/np\
 if grep -rnE 'np\.array\([^)]*copy=False' --include=*.py detectron2; then
   echo "np.array(..., copy=False) left in the sdist (see above): add a patch" >&2; exit 1
 fi
+# (9) torch >= 1.10 ships no caffe2: detectron2.export's __init__ imports its Caffe2 API (export/api.py:
+#     `from caffe2.proto import caffe2_pb2`) first, so TracingAdapter, and detectron2.utils.analysis (FLOP
+#     counts, tools/analyze_model.py) with it, fail to import. Import the Caffe2 part only where caffe2 exists.
+patch_re detectron2/export/__init__.py '^from \.api import \*$' \
+  -e 's/^from \.api import \*$/try:\n    from .api import *  # noqa\nexcept ImportError:  # mnc_d2 patch: no caffe2 (torch >= 1.10); the tracing parts need none\n    pass/'
 # The patch level: scripts/check_detectron2.py rebuilds a patched detectron2 older than this script.
-echo "LEVEL = 2  # scripts/patch_detectron2_sdist.sh" > detectron2/_mnc_d2_patches.py
+echo "LEVEL = 3  # scripts/patch_detectron2_sdist.sh" > detectron2/_mnc_d2_patches.py
 echo "patched detectron2 sdist in $SRC"

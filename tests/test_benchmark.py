@@ -456,11 +456,14 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
         assert result["status"] == "ok", result
         assert result["train"]["timed_iters"] == 2 and result["train"]["s_per_iter"]["median"] > 0
         assert result["inference"]["s_per_image"]["median"] > 0
+        assert 0 < result["flops"]["num_inputs"] <= 5 and result["flops"]["gflops_per_image"] > 0  # --flop-images
     assert set(timing["models"]["mnc3"]["variants"]) == {"no_voting"}
     assert (out / "runs" / "mnc3" / "spec.json").read_text() == training_spec  # --resume still matches
     assert not (out / "runs" / "mnc3" / "timing" / "model_final.pth").exists()  # nothing saved
     text = (out / "timing.md").read_text()
-    assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text
+    assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text and "GFLOPs/img" in text
+    flops = timing["models"]["mnc3"]["flops"]["gflops_per_image"] / timing["models"]["maskrcnn"]["flops"]["gflops_per_image"]
+    assert f"| {flops:.2f} |" in [line for line in text.splitlines() if line.startswith("| mnc3 |")][0]
 
     table = ablation.markdown([str(out)])
     rows = [line for line in table.splitlines() if line.startswith("| `")]
@@ -480,3 +483,20 @@ def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
         (tmp_path / str(seed) / "benchmark.json").write_text(json.dumps(bench))
     table = ablation.seeds_markdown([str(tmp_path / "1"), str(tmp_path / "2")])
     assert "| `paper` | 61.5 | diverged at iteration 48 |" in table
+
+
+# ---------------------------------------------------------------------------------------- README tables
+def test_readme_headline_block_is_regenerated_from_the_files(tmp_path):
+    from benchmarks import readme_tables
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\nkept\n{readme_tables.BEGIN}\nstale table\n{readme_tables.END}\nkept too\n")
+    folder = os.path.join(REPO, "docs", "benchmarks", "defaults", "hela_seed1")  # one seed + timing.json
+    assert readme_tables.main([str(readme), folder]) == 0
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("# title\nkept\n") and text.endswith("kept too\n")
+    block = text.split(readme_tables.BEGIN)[1].split(readme_tables.END)[0]
+    assert "`maskrcnn`" in block and "Timing: hela" in block and "\n# " not in block  # demoted headings
+    assert readme_tables.main([str(readme), str(tmp_path / "nothing")]) == 1
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert readme_tables.main([str(tmp_path / "plain.md"), folder]) == 1

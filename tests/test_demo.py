@@ -173,4 +173,9 @@ def test_16_bit_images_are_read_by_the_training_rule(inputs, tmp_path):
     for path, out in zip((sixteen, eight), outs):
         assert _demo([path], out, weights).returncode == 0
     first, second = (json.loads((o / "coco_results.json").read_text()) for o in outs)
-    assert first == second
+    # the same detections; floats equal to ~1e-4 only: two processes are not bit-identical on CPU with MNC's
+    # default (seen: score 0.186400 vs 0.186406 on equal input arrays)
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second):
+        assert (a["category_id"], a["segmentation"]) == (b["category_id"], b["segmentation"])
+        assert np.allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], rtol=1e-3, atol=1e-3)
