@@ -79,8 +79,9 @@ def compare(summary: Dict[str, Dict], per_seed: Dict[int, Dict[str, Dict]]) -> D
         diffs = [report.final_ap(per_seed[s][name]) - report.final_ap(per_seed[s][report.BASELINE]) for s in per_seed]
         mean, std = _mean_std(diffs)
         spread = max(summary[name]["std"]["segm_AP"], base["std"]["segm_AP"])
+        # one seed has no spread: whether a difference exceeds it is then unknown, not "yes"
         values.update(segm_ap_diff_per_seed={"mean": mean, "std": std}, segm_ap_spread=spread,
-                      segm_ap_diff_exceeds_spread=None if mean is None else abs(mean) > spread)
+                      segm_ap_diff_exceeds_spread=None if mean is None or len(per_seed) < 2 else abs(mean) > spread)
     return out
 
 

@@ -222,6 +222,8 @@ def test_seeds_summary_mean_std_and_ratios_of_the_means(tmp_path):
     text = open(paths["markdown"]).read()
     assert "23.0 ± 1.4" in text and "22.0 / 24.0" in text and "seed 3: failed" in text
     assert seeds.main([str(tmp_path)]) == 1  # no seed*/benchmark.json to rebuild from
+    one = seeds.build({2: metas[2]}, {2: per_seed[2]})["comparison"]["mnc3"]
+    assert one["segm_ap_diff"] == pytest.approx(2.0) and one["segm_ap_diff_exceeds_spread"] is None  # no spread
 
 
 def test_seeds_arguments():
