@@ -189,6 +189,35 @@ def test_final_mask_head_with_its_own_pooler():
     assert raw.pred_masks[kept].shape[-2:] == (28, 28) and len(final) > 0
 
 
+def test_final_head_pools_only_the_foreground_rois(monkeypatch):
+    """In training the final head's pooler reads stage 2's foreground RoIs only (as Mask R-CNN's mask head):
+    the same features as pooling every RoI and keeping the foreground, without RoIAlign's backward on the rest."""
+    from mnc_d2.modeling.poolers import ParallelROIPooler
+    from mnc_d2.modeling.roi_heads import MNCROIHeads
+
+    calls, sampled = [], []
+    pool, label = ParallelROIPooler.forward, MNCROIHeads.label_and_sample_proposals
+    monkeypatch.setattr(ParallelROIPooler, "forward",
+                        lambda self, x, boxes: calls.append((self, x, boxes)) or pool(self, x, boxes))
+    monkeypatch.setattr(MNCROIHeads, "label_and_sample_proposals",
+                        lambda self, *a: sampled.extend(label(self, *a)) or sampled[-len(a[0]):])
+    opts = ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+            "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True,
+            "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.PATHWAY_POOL", 1,
+            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14)
+    model, losses = train_losses(*opts)
+    heads = model.roi_heads
+    final_calls = [(x, boxes) for pooler, x, boxes in calls if pooler is heads.final_pooler]
+    assert len(final_calls) == 1  # loss_mask_final (no refined loss here)
+    x, fg_boxes = final_calls[0]
+    num_rois = sum(len(r) for r in sampled)
+    is_fg = torch.cat([r.gt_classes < heads.num_classes for r in sampled])
+    assert 0 < sum(len(b) for b in fg_boxes) == is_fg.sum() < num_rois
+    with torch.no_grad():
+        every = pool(heads.final_pooler, x, [Boxes(r.proposal_boxes.tensor.detach()) for r in sampled])
+        assert torch.equal(every[is_fg], pool(heads.final_pooler, x, fg_boxes))
+
+
 def test_final_pooler_needs_a_final_head():
     import pytest
 

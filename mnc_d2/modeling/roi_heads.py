@@ -86,7 +86,7 @@ class StageOutputs:
     seg_scores: Optional[torch.Tensor]  # (R, K+1) segment-aware classifier logits, or None
     mask_targets: Optional[torch.Tensor] = None  # (F, M, M) training: targets of the foreground RoIs
     seg_labels: Optional[torch.Tensor] = None  # (R,) training: segment labels (K = background)
-    roi_features: Optional[torch.Tensor] = None  # (R, C, P, P) training with a final mask head
+    final_features: Optional[torch.Tensor] = None  # (F, C, P', P') training: the final mask head's input
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -405,11 +405,15 @@ class MNCROIHeads(ROIHeads):
                 # stage 3 reaches the mask head only through RoIs whose predicted mask is a good segment
                 mask_probs = torch.where(seg_positive[:, None, None, None], mask_probs, mask_probs.detach())
         scores, deltas, seg_scores = self._classify(roi_features, mask_probs)
-        keep_features = None  # the final mask head's training features (stage 2's RoIs)
+        final_features = None  # the final mask head trains on stage 2's foreground RoIs
         if self.training and pair == 0 and self.final_mask_head is not None:
-            keep_features = roi_features if self.final_pooler is None else self._output_mask_features(features, boxes)
+            if self.final_pooler is None:
+                final_features = roi_features[cat([r.gt_classes for r in rois]) < self.num_classes]
+            else:  # pool only the foreground, as Mask R-CNN's mask head (RoIAlign's backward is costly on CPU)
+                fg_boxes = [r.proposal_boxes[r.gt_classes < self.num_classes] for r in rois]
+                final_features = self._output_mask_features(features, fg_boxes)  # (F, C, P', P')
         return StageOutputs(boxes, mask_logits, mask_probs, scores, deltas, seg_scores, targets, seg_labels,
-                            keep_features)
+                            final_features)
 
     def _mask_targets(self, rois: List[Instances], mask_size: int) -> torch.Tensor:
         """(F, M, M) MNC mask targets of the foreground RoIs, in RoI order."""
@@ -443,8 +447,8 @@ class MNCROIHeads(ROIHeads):
             box_losses["loss_box_reg"] = self.box_predictor.box_reg_loss(
                 live, gt_boxes.detach(), out.deltas, cat([r.gt_classes for r in rois]))
         losses.update({f"{k}{suffix_cls}": v for k, v in box_losses.items()})
-        if out.roi_features is not None:  # the final mask head trains on stage 2's foreground RoIs
-            final_logits = self._mask_logits(out.roi_features[fg], self.final_mask_head)  # (F, 1, M', M')
+        if out.final_features is not None:
+            final_logits = self._mask_logits(out.final_features, self.final_mask_head)  # (F, 1, M', M')
             final_targets = self._mask_targets(rois, final_logits.shape[-1])  # (F, M', M')
             losses["loss_mask_final"] = mask_loss(final_logits, final_targets) * self.final_mask_loss_weight
         if out.seg_scores is not None:
