@@ -55,3 +55,19 @@ def test_cli_counts_the_instant_config_and_names_a_bad_key(capsys):
     assert "roi_heads.final_mask_head" in out and "total (eager" in out and "backbone" in out  # flops, parameters
     assert analyze.main(["--tasks", "parameter", "--config-file", INSTANT, "MODEL.NO_SUCH_KEY", "1"]) == 2
     assert "MODEL.NO_SUCH_KEY" in capsys.readouterr().err
+
+
+def test_head_flops_at_fixed_counts():
+    """benchmarks.head_flops: the same backbone and RPN cost for both models; the mask heads' cost grows
+    linearly in the detections; MNC's cascade runs on its 300 test RoIs."""
+    from benchmarks.head_flops import count
+
+    counts = count(os.path.join(REPO, "configs/mnc_R18_GN_FPN_shapes_cpu.yaml"),
+                   os.path.join(REPO, "configs/benchmark/maskrcnn_R18_GN_FPN_shapes_cpu.yaml"), (64, 96), (1, 2))
+    mnc, mr = counts["MNC"], counts["Mask R-CNN"]
+    assert mnc["rois"] == 300 and mnc["backbone"] > 0 and mnc["rpn"] > 0
+    assert mnc["backbone"] == pytest.approx(mr["backbone"]) and mnc["rpn"] == pytest.approx(mr["rpn"])
+    for c in (mnc, mr):
+        assert c["mask"][1] == pytest.approx(2 * c["mask"][0]) and c["mask"][0] > 0
+        assert c["total"][0] == pytest.approx(c["backbone"] + c["rpn"] + c["box"] + c["mask"][0])
+    assert mnc["box"] > mr["box"] > 0  # two stage-3 pathways and stage 2's mask head on the same 300 RoIs
