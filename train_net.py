@@ -4,6 +4,9 @@
     python train_net.py --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml
     python train_net.py --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml --resume          # after a crash
     python train_net.py --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python train_net.py --config-file ... --dataset mine_train=train.json:train_images \
+        --dataset mine_val=val.json:val_images DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' \
+        MODEL.ROI_HEADS.NUM_CLASSES <categories>                                            # your COCO data
 
 A training run locks its OUTPUT_DIR (a second run there stops with an ERROR naming the holder); an
 --eval-only run writes under OUTPUT_DIR/eval/<time>-<pid>/ and needs no lock.
@@ -29,6 +32,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import mnc_d2  # noqa: F401  (registers MNC's model parts and datasets)
+from mnc_d2.data.datasets.command_line import add_dataset_argument, register_datasets
 from mnc_d2.engine import Trainer, load_weights_for_eval, setup_cfg
 from mnc_d2.errors import ConfigError, MNCError
 from mnc_d2.launch import launch, started_by_torchrun
@@ -37,6 +41,7 @@ EXIT_INPUT_ERROR = 2
 
 
 def main(args):
+    register_datasets(args.dataset)  # --dataset NAME=...: before the config names it (in every process)
     cfg = setup_cfg(args)
     if args.eval_only:
         if not cfg.DATASETS.TEST:
@@ -69,6 +74,7 @@ def main_reporting_errors(args):
 
 def argument_parser():
     parser = default_argument_parser()
+    add_dataset_argument(parser)
     parser.add_argument("--num-processes", type=int, default=0, metavar="N",
                         help="N CPU processes per machine, Gloo backend (instead of --num-gpus)")
     parser.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",

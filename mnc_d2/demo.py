@@ -28,7 +28,7 @@ import cv2
 import torch
 import tqdm
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
@@ -37,6 +37,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import atomic_write_json
+from .data.datasets.command_line import add_dataset_argument, register_datasets
 from .data.mapper import read_image
 from .errors import BadImageError, ConfigError, MissingInputError, MNCError
 
@@ -57,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="keep detections scoring at least this (drawn and written to the json)")
+    add_dataset_argument(parser)  # DATASETS.TEST[0] gives the class names and the json's category ids
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
     return parser
@@ -68,6 +70,7 @@ def setup_cfg(args):
 
     if len(args.opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {args.opts}")
+    register_datasets(getattr(args, "dataset", []))
     cfg = build_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: add --opts MODEL.DEVICE cpu")
@@ -152,7 +155,10 @@ class MNCDemo:
     def __init__(self, cfg, confidence_threshold: float = 0.5):
         self.cfg = cfg
         self.predictor = DefaultPredictor(cfg)
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+        name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+        self.metadata = MetadataCatalog.get(name)
+        if name in DatasetCatalog.list() and not self.metadata.get("thing_classes", None):
+            DatasetCatalog.get(name)  # a COCO json sets its class names when loaded (load_coco_json)
         self.confidence_threshold = confidence_threshold
         self.contiguous_to_dataset_id = dataset_category_ids(self.metadata)
 
