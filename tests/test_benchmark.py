@@ -502,3 +502,26 @@ def test_readme_headline_block_is_regenerated_from_the_files(tmp_path):
     assert readme_tables.main([str(readme), str(tmp_path / "nothing")]) == 1
     (tmp_path / "plain.md").write_text("no markers\n")
     assert readme_tables.main([str(tmp_path / "plain.md"), folder]) == 1
+
+
+def test_readme_compact_table_with_quiet_timing_ratios(tmp_path):
+    """--compact: one row per model of each seeds folder, with the ratios of the folder's timing.json."""
+    import shutil
+
+    from benchmarks import readme_tables, report
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(os.path.join(REPO, "docs", "benchmarks", "headline", "shapes"), folder)
+    timing = json.load(open(os.path.join(REPO, "docs", "benchmarks", "defaults", "hela_seed1", "timing.json")))
+    timing["models"]["mnc3"] = timing["models"].pop("mnc3_fast")
+    (folder / "timing.json").write_text(json.dumps(timing))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{readme_tables.BEGIN}\nold\n{readme_tables.END}\n")
+    assert readme_tables.main(["--compact", str(readme), str(folder)]) == 0
+    block = readme.read_text().split(readme_tables.BEGIN)[1]
+    row = next(line for line in block.splitlines() if "`mnc3`" in line).split(" | ")
+    models = timing["models"]
+    expected = report.inference_s_per_image(models["mnc3"]) / report.inference_s_per_image(models["maskrcnn"])
+    assert row[6] == f"{expected:.2f}" and "old" not in block and "--time-only" in block
+    summary = json.load(open(folder / "benchmark.json"))["models"]["mnc3"]
+    assert row[2] == f"{summary['mean']['segm_AP']:.1f} ± {summary['std']['segm_AP']:.1f}"
