@@ -7,6 +7,7 @@
     python train_net.py --config-file ... --dataset mine_train=train.json:train_images \
         --dataset mine_val=val.json:val_images DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' \
         MODEL.ROI_HEADS.NUM_CLASSES <categories>                                            # your COCO data
+    python train_net.py --config-file configs/lazy/mnc_R18_GN_FPN_shapes_cpu.py train.max_iter=100   # LazyConfig
 
 A training run locks its OUTPUT_DIR (a second run there stops with an ERROR naming the holder); an
 --eval-only run writes under OUTPUT_DIR/eval/<time>-<pid>/ and needs no lock.
@@ -33,7 +34,7 @@ from detectron2.utils import comm
 
 import mnc_d2  # noqa: F401  (registers MNC's model parts and datasets)
 from mnc_d2.data.datasets.command_line import add_dataset_argument, register_datasets
-from mnc_d2.engine import Trainer, load_weights_for_eval, setup_cfg
+from mnc_d2.engine import load_weights_for_eval, setup_cfg, trainer_class
 from mnc_d2.errors import ConfigError, MNCError
 from mnc_d2.launch import launch, started_by_torchrun
 
@@ -43,16 +44,17 @@ EXIT_INPUT_ERROR = 2
 def main(args):
     register_datasets(args.dataset)  # --dataset NAME=...: before the config names it (in every process)
     cfg = setup_cfg(args)
+    trainer = trainer_class(args)  # Trainer, or for a .py config (LazyConfig) a LazyTrainer
     if args.eval_only:
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only: DATASETS.TEST is empty, there is nothing to evaluate.")
-        model = Trainer.build_model(cfg)
+        model = trainer.build_model(cfg)
         load_weights_for_eval(cfg, model, resume=args.resume, checkpoint_dir=args.run_dir)
-        res = Trainer.test(cfg, model)
+        res = trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = Trainer(cfg)
+    trainer = trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

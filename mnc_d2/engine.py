@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, default_setup
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
@@ -19,6 +19,7 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer, atomic_open, atomic_write_json, trim_metrics_json
 from .config_checks import build_cfg
+from .data.build import build_mnc_test_loader, build_mnc_train_loader
 from .data.mapper import RobustDatasetMapper
 from .data.sampler import ResumableTrainingStream, RNGNeutralIterator
 from .data.validation import load_dataset_dicts
@@ -28,7 +29,7 @@ from .launch import check_replicas_in_sync, ddp_device_kwargs
 from .run_lock import acquire_output_dir_lock
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
 
-__all__ = ["Trainer", "build_cfg", "setup_cfg", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
+__all__ = ["Trainer", "build_cfg", "setup_cfg", "trainer_class", "build_evaluator", "ensure_dataset_files", "load_weights_for_eval",
            "AtomicCOCOEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -173,25 +174,17 @@ class Trainer(DefaultTrainer):
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             raise ConfigError(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported by "
                               "mnc_d2's resumable training stream; use 'TrainingSampler'.")
-        world_size = comm.get_world_size()
-        if cfg.SOLVER.IMS_PER_BATCH % world_size != 0:
-            raise ConfigError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} must be divisible by the number "
-                              f"of processes ({world_size}).")
-        dicts = load_dataset_dicts(cfg.DATASETS.TRAIN, is_train=True,
-                                   filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                                   num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                                   bad_image=cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE, require_masks=cfg.MODEL.MASK_ON)
-        stream = ResumableTrainingStream(dicts, RobustDatasetMapper(cfg, is_train=True), seed=_training_seed(cfg))
-        return build_detection_train_loader(stream, mapper=None, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-                                            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
+        return build_mnc_train_loader(
+            cfg.DATASETS.TRAIN, RobustDatasetMapper(cfg, is_train=True), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            num_workers=cfg.DATALOADER.NUM_WORKERS, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            bad_image=cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE, require_masks=cfg.MODEL.MASK_ON, seed=_training_seed(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """D2's test loader over checked dataset dicts and a RobustDatasetMapper (bad images raise)."""
-        dicts = load_dataset_dicts([dataset_name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        return build_detection_test_loader(dicts, mapper=RobustDatasetMapper(cfg, is_train=False),
-                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
+        return build_mnc_test_loader(dataset_name, RobustDatasetMapper(cfg, is_train=False),
+                                     num_workers=cfg.DATALOADER.NUM_WORKERS, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -305,7 +298,8 @@ def eval_output_dir(run_dir: str) -> str:
 
 
 def setup_cfg(args):
-    """:func:`build_cfg` from ``args.config_file`` and ``args.opts``, then D2's default_setup.
+    """:func:`build_cfg` from ``args.config_file`` and ``args.opts`` (a ``.py`` LazyConfig: its loop settings,
+    :func:`mnc_d2.lazy.trainer_cfg`; the config itself in ``args.lazy_config``), then D2's default_setup.
 
     A training run first takes the lock of its OUTPUT_DIR (rank 0; :mod:`mnc_d2.run_lock`). An
     ``--eval-only`` run takes none: it writes everything (config.yaml, log.txt, inference/) under its own
@@ -314,7 +308,14 @@ def setup_cfg(args):
     Raises:
         ConfigError: see :func:`build_cfg`; or OUTPUT_DIR is held by another training run.
     """
-    cfg = build_cfg(args.config_file, args.opts)
+    if str(args.config_file).endswith(".py"):  # a LazyConfig: key=value overrides (mnc_d2.lazy)
+        from .lazy import load_lazy_config, trainer_cfg
+
+        args.lazy_config = load_lazy_config(args.config_file, args.opts)
+        cfg = trainer_cfg(args.lazy_config)
+    else:
+        args.lazy_config = None
+        cfg = build_cfg(args.config_file, args.opts)
     args.run_dir = cfg.OUTPUT_DIR
     if getattr(args, "eval_only", False):
         cfg.defrost()
@@ -324,4 +325,17 @@ def setup_cfg(args):
         acquire_output_dir_lock(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mnc_d2", abbrev_name="mnc")
+    if args.lazy_config is not None and cfg.OUTPUT_DIR and comm.is_main_process():
+        from detectron2.config import LazyConfig
+
+        LazyConfig.save(args.lazy_config, os.path.join(cfg.OUTPUT_DIR, "config_lazy.yaml"))
     return cfg
+
+
+def trainer_class(args):
+    """The trainer of ``args.config_file`` (after :func:`setup_cfg`): Trainer, or a LazyTrainer for a .py config."""
+    if getattr(args, "lazy_config", None) is None:
+        return Trainer
+    from .lazy import LazyTrainer
+
+    return LazyTrainer.for_config(args.lazy_config)

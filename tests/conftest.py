@@ -26,6 +26,21 @@ TINY_TRAIN_NET_OPTS = [
     "TEST.DETECTIONS_PER_IMAGE", "20", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0",
 ]
 
+LAZY_INSTANT_CONFIG = os.path.join(REPO, "configs", "lazy", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.py")
+# TINY_TRAIN_NET_OPTS for a .py config (key=value): the same shrinking, as LazyConfig overrides
+TINY_LAZY_OPTS = [
+    "model.backbone.out_channels=32", "model.roi_heads.box_pathway.fc_dims=[64,64]",
+    "model.roi_heads.box_predictor.input_shape.channels=128", "model.roi_heads.mask_head.fc_dim=64",
+    "model.roi_heads.roi_pooler.output_size=8", "model.roi_heads.mask_head.input_shape.height=8",
+    "model.roi_heads.mask_head.input_shape.width=8", "model.roi_heads.box_pathway.input_shape.height=8",
+    "model.roi_heads.box_pathway.input_shape.width=8", "model.roi_heads.mask_head.mask_size=14",
+    "model.roi_heads.final_mask_head.conv_dims=[16,16,16,16,16]",
+    "model.proposal_generator.pre_nms_topk=[200,200]", "model.proposal_generator.post_nms_topk=[50,50]",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[64]", "dataloader.train.mapper.augmentations.0.max_size=64",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=64", "dataloader.test.mapper.augmentations.0.max_size=64",
+    "model.roi_heads.box_predictor.test_topk_per_image=20", "train.eval_period=0",
+]
+
 
 # train_net.py whose torch.save of one iteration writes a few bytes, touches SAVE_MARKER and waits for
 # CONTINUE_MARKER before finishing the save: a run caught in the middle of saving a checkpoint

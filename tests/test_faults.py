@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import PAUSED_SAVE_RUNNER, REPO, TINY_TRAIN_NET_OPTS, small_cfg
+from conftest import LAZY_INSTANT_CONFIG, PAUSED_SAVE_RUNNER, REPO, TINY_LAZY_OPTS, TINY_TRAIN_NET_OPTS, small_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
@@ -33,13 +33,23 @@ TINY = TINY_TRAIN_NET_OPTS + ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD"
                               "SOLVER.STEPS", "(4,)"]
 
 
-def _command(out_dir, *flags, runner=None):
+# the same run from a Python (LazyConfig) config: key=value overrides
+TINY_LAZY = TINY_LAZY_OPTS + ["train.max_iter=6", "train.checkpointer.period=2", "lr_multiplier.warmup_length=0.3333",
+                              "lr_multiplier.scheduler.values=[1.0,0.1]",
+                              "lr_multiplier.scheduler.milestones=[4]", "lr_multiplier.scheduler.num_updates=6"]
+
+
+def _command(out_dir, *flags, runner=None, kind="yaml"):
     prefix = [sys.executable] + ([str(runner)] if runner else [])
+    if kind == "py":
+        return prefix + [os.path.join(REPO, "train_net.py"), "--config-file", LAZY_INSTANT_CONFIG, *flags, *TINY_LAZY,
+                         f"train.output_dir={out_dir}"]
     return prefix + [os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *flags, *TINY, "OUTPUT_DIR", str(out_dir)]
 
 
-def _run(out_dir, env, *flags):
-    out = subprocess.run(_command(out_dir, *flags), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+def _run(out_dir, env, *flags, kind="yaml"):
+    out = subprocess.run(_command(out_dir, *flags, kind=kind), capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -63,11 +73,12 @@ def _assert_same_final_state(out_dir, baseline_dir):
     assert iterations == sorted(iterations), "metrics.json: no repeated iterations after the resume"
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, env):
+@pytest.fixture(scope="module", params=["yaml", "py"])
+def baseline(request, tmp_path_factory, env):
+    """An uninterrupted run of a yacs (.yaml) or a Python (LazyConfig, .py) config: (its folder, the kind)."""
     out_dir = tmp_path_factory.mktemp("uninterrupted")
-    _run(out_dir, env)
-    return out_dir
+    _run(out_dir, env, kind=request.param)
+    return out_dir, request.param
 
 
 def _wait_for(path, process, timeout=300):
@@ -79,10 +90,11 @@ def _wait_for(path, process, timeout=300):
 
 
 def test_kill_at_random_moment_then_resume(tmp_path, env, baseline):
+    baseline, kind = baseline
     out_dir = tmp_path / "run"
     delay = random.uniform(0.0, 1.0)  # the run has 4 more iterations, 2 saves and the evaluation to go
-    process = subprocess.Popen(_command(out_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               cwd=REPO)
+    process = subprocess.Popen(_command(out_dir, kind=kind), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, cwd=REPO)
     try:
         _wait_for(out_dir / "model_0000001.pth", process)
         time.sleep(delay)
@@ -92,17 +104,19 @@ def test_kill_at_random_moment_then_resume(tmp_path, env, baseline):
     assert process.returncode == -signal.SIGKILL, f"the run ended by itself within {delay:.2f} s; not killed"
     last = (out_dir / "last_checkpoint").read_text()
     assert torch.load(str(out_dir / last), weights_only=True)["model"], f"{last} must load (killed {delay:.2f} s in)"
-    log = _run(out_dir, env, "--resume")
+    log = _run(out_dir, env, "--resume", kind=kind)
     assert "Resuming at iteration" in log, log[-2000:]
     _assert_same_final_state(out_dir, baseline)
 
 
 def test_kill_during_checkpoint_save_then_resume(tmp_path, env, baseline):
+    baseline, kind = baseline
     out_dir = tmp_path / "run"
     runner = tmp_path / "slow_save_runner.py"
     runner.write_text(PAUSED_SAVE_RUNNER)
     marker = tmp_path / "saving"
-    process = subprocess.Popen(_command(out_dir, runner=runner), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(_command(out_dir, runner=runner, kind=kind), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
                                env=dict(env, PAUSE_AT="3", SAVE_MARKER=str(marker),
                                         CONTINUE_MARKER=str(tmp_path / "never")), cwd=REPO)
     try:
@@ -116,7 +130,7 @@ def test_kill_during_checkpoint_save_then_resume(tmp_path, env, baseline):
     assert (out_dir / "last_checkpoint").read_text() == "model_0000001.pth"
     assert torch.load(str(out_dir / "model_0000001.pth"), weights_only=True)["iteration"] == 1
 
-    log = _run(out_dir, env, "--resume")
+    log = _run(out_dir, env, "--resume", kind=kind)
     assert "Resuming at iteration 2" in log and "partial file" in log, log[-3000:]
     assert not [p for p in os.listdir(out_dir) if p.endswith(".partial")]
     _assert_same_final_state(out_dir, baseline)
