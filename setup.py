@@ -8,5 +8,5 @@ setup(
     python_requires=">=3.9",
     # detectron2 is NOT listed: it is not on PyPI under that name (see scripts/install.sh).
     install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm", "opencv-python-headless", "tifffile"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis"], "export": ["onnx", "onnxruntime"]},
 )

@@ -25,7 +25,7 @@ fi
 PIP_INSTALL=("$PY" -m pip install -q --disable-pip-version-check -c "$REPO/scripts/constraints.txt")
 
 # Fast path: everything already there -> only (re)link our package.
-if "$PY" -c "import torch, torchvision, detectron2, pycocotools, pytest, tifffile, hypothesis, tensorboard, importlib.util as u; assert u.find_spec('trackastra')" 2>/dev/null \
+if "$PY" -c "import torch, torchvision, detectron2, pycocotools, pytest, tifffile, hypothesis, tensorboard, onnx, onnxruntime, importlib.util as u; assert u.find_spec('trackastra')" 2>/dev/null \
    && "$PY" "$REPO/scripts/check_detectron2.py" --quiet 2>/dev/null && [ "${D2_FORCE_REBUILD:-0}" != 1 ]; then
   log "dependencies present -> skip"
 else

@@ -54,6 +54,7 @@ class ParallelROIPooler(ROIPooler):
         grad_enabled = torch.is_grad_enabled()  # grad mode is per thread: carried over to the workers below
         needs_grad = grad_enabled and any(t.requires_grad for t in x)
         if (x[0].is_cuda or threads < 2 or num_rois < 2 * self.min_rois_per_thread or torch.jit.is_scripting()
+                or torch.jit.is_tracing()  # the chunking below depends on the RoI count: a trace would freeze it
                 or (needs_grad and not self.parallel_backward_graph)):
             return super().forward(x, box_lists)
         assert len(x) == len(self.level_poolers) and len(box_lists) == x[0].size(0)

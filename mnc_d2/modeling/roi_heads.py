@@ -68,6 +68,11 @@ def _pathway_head_cfg(cfg):
     return box_cfg
 
 
+def _per_image(tensor: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
+    """``tensor.split(counts)``; one image's rows stay whole, so that a trace (export) does not freeze the count."""
+    return [tensor] if len(counts) == 1 else list(tensor.split(counts))
+
+
 def _mask_areas(gt_masks) -> torch.Tensor:
     """(G,) pixel areas of BitMasks or PolygonMasks."""
     if isinstance(gt_masks, BitMasks):
@@ -479,7 +484,7 @@ class MNCROIHeads(ROIHeads):
         top_class = probs[:, :-1].argmax(dim=1) if predicted.shape[1] > 1 else torch.zeros_like(probs[:, 0]).long()
         refined = predicted[torch.arange(num_rois, device=predicted.device), top_class]  # (R, 4)
         out_boxes = []
-        for boxes_i, size in zip(refined.split([len(b) for b in out.boxes]), image_sizes):
+        for boxes_i, size in zip(_per_image(refined, [len(b) for b in out.boxes]), image_sizes):
             h, w = size
             x0, y0, x1, y1 = boxes_i.unbind(dim=1)  # clip without in-place ops (keeps the graph)
             out_boxes.append(Boxes(torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], dim=1)))
@@ -540,8 +545,8 @@ class MNCROIHeads(ROIHeads):
         per_pair = []  # per pair, per image: (mask boxes, predicted boxes, probs, mask probs)
         for out in outputs:
             counts = [len(b) for b in out.boxes]
-            per_pair.append(list(zip([b.tensor for b in out.boxes], self._predicted_boxes(out).split(counts),
-                                     self._class_probs(out).split(counts), out.mask_probs.split(counts))))
+            per_pair.append(list(zip([b.tensor for b in out.boxes], _per_image(self._predicted_boxes(out), counts),
+                                     _per_image(self._class_probs(out), counts), _per_image(out.mask_probs, counts))))
         results = []
         for i, image_size in enumerate(image_sizes):
             mask_box, pred_box, prob, mask_prob = (torch.cat(parts) for parts in zip(*[p[i] for p in per_pair]))
@@ -555,7 +560,7 @@ class MNCROIHeads(ROIHeads):
             self.box_predictor.test_nms_thresh, self.box_predictor.test_topk_per_image,
         )
         kept_rank = torch.full_like(cand_classes, -1)
-        kept_rank[keep] = torch.arange(len(keep), device=keep.device)
+        kept_rank[keep] = torch.ones_like(keep).cumsum(0) - 1  # 0, 1, ...: not arange(len(keep)), a trace constant
         out = Instances(image_size)
         out.pred_boxes = Boxes(cand_boxes)
         out.scores = cand_scores
@@ -576,7 +581,7 @@ class MNCROIHeads(ROIHeads):
             kept.append(torch.nonzero(c.kept_rank >= 0).squeeze(1))  # (D,)
         boxes = [c.pred_boxes[k] for c, k in zip(candidates, kept)]
         mask_probs = self._mask_logits(self._output_mask_features(features, boxes), self.final_mask_head).sigmoid()
-        for c, k, probs in zip(candidates, kept, mask_probs.split([len(k) for k in kept])):
+        for c, k, probs in zip(candidates, kept, _per_image(mask_probs, [len(k) for k in kept])):
             if c.pred_masks.shape[-2:] != probs.shape[-2:]:  # a final head of another mask size
                 c.pred_masks = F.interpolate(c.pred_masks, size=probs.shape[-2:], mode="bilinear", align_corners=False)
             c.pred_masks[k] = probs
