@@ -280,7 +280,9 @@ def parse_args(argv=None):
                              "(<out>/runs/<model>/profile.txt)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the result of every model of --out that already finished ok with the same spec "
-                             "(config, options, measurement settings); run only the others (e.g. after a failure)")
+                             "(config, options, measurement settings); run only the others (e.g. after a failure). "
+                             "A model whose config changed only in test-time keys (*_TEST, TEST.*, MODEL.MNC.TEST.*) "
+                             "and whose model_final.pth was kept is evaluated and timed again, not retrained")
     parser.add_argument("--keep-diverged", action="store_true",
                         help="with --resume: also reuse a model whose training diverged (NaN/Inf), instead of "
                              "training it again")
@@ -353,7 +355,8 @@ def run_worker(spec: Dict, verbose: bool) -> Dict:
     """Run worker.py on ``spec`` in a fresh process; echo its progress; return its result."""
     os.makedirs(spec["work_dir"], exist_ok=True)
     # the training spec stays in spec.json (--resume compares it); a --time-only spec goes beside it
-    spec_file = os.path.join(spec["work_dir"], "timing_spec.json" if spec.get("mode") == "time" else "spec.json")
+    spec_file = os.path.join(spec["work_dir"], {"time": "timing_spec.json", "evaluate": "reevaluate_spec.json"}.get(
+        spec.get("mode"), "spec.json"))
     with open(spec_file, "w") as f:
         json.dump(spec, f, indent=1)
     if os.path.exists(spec["result_file"]):
@@ -429,11 +432,35 @@ def reusable_result(spec: Dict, diverged_too: bool = False) -> Optional[Dict]:
         return None
     if "config" in result:
         changed = config_changes(result["config"], resolved_config(spec))
+        weights = os.path.join(spec["work_dir"], "model_final.pth")
+        if changed and all(map(is_test_time_key, changed)) and result.get("status") == "ok" and os.path.exists(weights):
+            result["reevaluate"] = changed  # the training is still valid: evaluate its kept weights again
+            return result
         if changed:
             print(f"[bench] {spec['name']}: not reused, its resolved config changed since it was trained: "
                   f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}", flush=True)
             return None
     result["reused"] = True
+    return result
+
+
+def is_test_time_key(key: str) -> bool:
+    """A config key that only inference reads (e.g. MODEL.RPN.POST_NMS_TOPK_TEST, MODEL.MNC.TEST.*): a change
+    leaves the training as it was, so --resume re-evaluates the kept weights instead of training again."""
+    return (key.endswith("_TEST") or key.startswith("MODEL.MNC.TEST.")
+            or (key.startswith("TEST.") and key != "TEST.EVAL_PERIOD"))
+
+
+def reevaluate(spec: Dict, saved: Dict, verbose: bool) -> Dict:
+    """Evaluate and time the saved run's final weights with today's config (worker mode "evaluate"); the
+    saved result keeps its training part. On failure the saved result.json is left as it was."""
+    spec = dict(spec, mode="evaluate", changed_keys=saved["reevaluate"],
+                previous_result={k: v for k, v in saved.items() if k != "reevaluate"},
+                result_file=os.path.join(spec["work_dir"], "reevaluated_result.json"))
+    result = run_worker(spec, verbose)
+    if result.get("status") == "ok":
+        with open(os.path.join(spec["work_dir"], "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -536,6 +563,11 @@ def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: starting (log: {work_dir}/worker.log)", flush=True)
         spec = model_spec(name, args, work_dir)
         reused = reusable_result(spec, args.keep_diverged) if args.resume else None
+        if reused and reused.get("reevaluate"):
+            print(f"[bench] ({i + 1}/{len(args.models)}) {name}: re-evaluating its final weights (--resume; only "
+                  f"test-time settings changed: {', '.join(reused['reevaluate'])})", flush=True)
+            models[name] = reevaluate(spec, reused, args.verbose)
+            continue
         if reused:
             models[name] = reused
             print(f"[bench] ({i + 1}/{len(args.models)}) {name}: reusing its result (--resume, same spec; "

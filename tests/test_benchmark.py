@@ -405,6 +405,15 @@ def test_resume_retrains_a_run_whose_resolved_config_changed(tmp_path, capsys):
             json.dump(dict(ok, config=saved), f)
         assert (run_benchmark.reusable_result(spec) is not None) == reused
     assert "MODEL.ROI_HEADS.NMS_THRESH_TEST" in capsys.readouterr().out  # says why it retrains
+    # with the final weights kept: a test-time change re-evaluates them, any other change still retrains
+    open(os.path.join(spec["work_dir"], "model_final.pth"), "w").close()
+    for changed, action in (({"MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.3}, ["MODEL.ROI_HEADS.NMS_THRESH_TEST"]),
+                            ({"MODEL.MNC.TEST.MASK_VOTING": True}, ["MODEL.MNC.TEST.MASK_VOTING"]),
+                            ({"MODEL.MNC.REFINED_MASK_LOSS": False}, None), ({"TEST.EVAL_PERIOD": 3}, None)):
+        with open(spec["result_file"], "w") as f:
+            json.dump(dict(ok, config=dict(snapshot, **changed)), f)
+        reused = run_benchmark.reusable_result(spec)
+        assert (reused and reused["reevaluate"]) == action
     mask_rcnn = {"MODEL.META_ARCHITECTURE": "GeneralizedRCNN", "MODEL.MNC.NUM_STAGES": 3, "SEED": 1}
     assert run_benchmark.config_changes(mask_rcnn, dict(mask_rcnn, **{"MODEL.MNC.NUM_STAGES": 5})) == []
     assert run_benchmark.config_changes(mask_rcnn, dict(mask_rcnn, SEED=2)) == ["SEED"]
@@ -472,6 +481,23 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     assert len(rows) == 3  # mnc3, its variant, maskrcnn
     maskrcnn_row = [r for r in rows if r.startswith("| `maskrcnn`")][0]
     assert maskrcnn_row.rstrip(" |").endswith("1.00")  # its own train-time ratio
+
+    # --resume after a test-time default changed (here: pretend mnc3 was trained under another
+    # POST_NMS_TOPK_TEST): the kept weights are evaluated again, the training is not repeated
+    result_file = out / "runs" / "mnc3" / "result.json"
+    saved = json.loads(result_file.read_text())
+    current = saved["config"]["MODEL.RPN.POST_NMS_TOPK_TEST"]
+    saved["config"]["MODEL.RPN.POST_NMS_TOPK_TEST"] = current + 7
+    result_file.write_text(json.dumps(saved))
+    proc = subprocess.run([*common, "--keep-checkpoints", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mnc3: re-evaluating its final weights" in proc.stdout and "maskrcnn: reusing its result" in proc.stdout
+    again = json.loads(result_file.read_text())
+    assert again["reevaluated"]["changed"] == ["MODEL.RPN.POST_NMS_TOPK_TEST"]
+    assert again["config"]["MODEL.RPN.POST_NMS_TOPK_TEST"] == current
+    assert again["train"] == saved["train"] and again["eval"]["curve"][-1]["segm"] == again["eval"]["final"]["segm"]
+    assert set(again["variants"]) == {"no_voting"} and again["inference"]["s_per_image"]["median"] > 0
+    assert not (out / "runs" / "mnc3" / "reevaluated" / "model_final.pth").exists()
 
 
 def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
