@@ -3,14 +3,15 @@
 
     python -m benchmarks.profile_inference --config-file configs/mnc_R18_GN_FPN_shapes_cpu.yaml \\
         --weights output/mnc_R18_GN_FPN_shapes_cpu/model_final.pth
-    python -m benchmarks.profile_inference ... --slow-paths    # D2's single-threaded pooler + max_pool2d (before)
+    python -m benchmarks.profile_inference ... --slow-paths    # F.max_pool2d instead of the strided max (before)
 
 Times ``model([image])`` in eval mode under ``torch.no_grad()`` on the first ``--images`` test images
 (after ``--warmup`` untimed calls) and, inside it, the backbone, the RPN, the RoI pooler, the mask head,
 stage 2 and stage 3, the candidate selection and the image-space post-processing (pasting / voting).
 Parts nest: stage 2 contains the pooler and the mask head; the ROI heads contain stages 2 and 3.
-``--slow-paths`` switches off this project's two inference speed-ups (threaded RoI pooling on CPU,
-strided max instead of ``max_pool2d``) to measure the before/after of the README on the same weights.
+``--slow-paths`` switches off this project's inference speed-up (a strided max instead of ``max_pool2d``
+before the stage-3 pathways, used with ``MODEL.MNC.PATHWAY_POOL`` > 1) to measure its before/after on the
+same weights. (A threaded CPU RoI pooler was removed: it made the whole model slower, docs/results.md.)
 """
 import argparse
 import collections
@@ -53,19 +54,16 @@ def instrument(model, acc: Dict[str, List[float]]) -> Callable[[], None]:
 
 
 def use_slow_paths() -> Callable[[], None]:
-    """D2's ROIPooler.forward and F.max_pool2d, as before the speed-ups; returns the undo."""
+    """F.max_pool2d, as before the speed-up; returns the undo."""
     import torch.nn.functional as F
-    from detectron2.modeling.poolers import ROIPooler
 
     import mnc_d2.modeling.roi_heads as roi_heads
-    from mnc_d2.modeling.poolers import ParallelROIPooler
 
-    saved = ParallelROIPooler.forward, roi_heads.max_pool_square
-    ParallelROIPooler.forward = ROIPooler.forward
+    saved = roi_heads.max_pool_square
     roi_heads.max_pool_square = lambda x, k: F.max_pool2d(x, k) if k > 1 else x
 
     def undo():
-        ParallelROIPooler.forward, roi_heads.max_pool_square = saved
+        roi_heads.max_pool_square = saved
 
     return undo
 

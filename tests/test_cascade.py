@@ -170,7 +170,7 @@ def test_box_gradient_model_infers_with_roialign_and_the_same_values():
     model.eval()
     heads = model.roi_heads
     assert type(heads.roi_pooler).__name__ == "ROIWarper"
-    assert type(heads.inference_pooler).__name__ == "ParallelROIPooler"
+    assert type(heads.inference_pooler).__name__ == "ROIPooler"
     images = model.preprocess_image([{"image": b["image"]} for b in batch()])
     features = [model.backbone(images.tensor)[f] for f in heads.in_features]
     g = torch.Generator().manual_seed(0)

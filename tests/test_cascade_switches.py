@@ -192,12 +192,13 @@ def test_final_mask_head_with_its_own_pooler():
 def test_final_head_pools_only_the_foreground_rois(monkeypatch):
     """In training the final head's pooler reads stage 2's foreground RoIs only (as Mask R-CNN's mask head):
     the same features as pooling every RoI and keeping the foreground, without RoIAlign's backward on the rest."""
-    from mnc_d2.modeling.poolers import ParallelROIPooler
+    from detectron2.modeling.poolers import ROIPooler
+
     from mnc_d2.modeling.roi_heads import MNCROIHeads
 
     calls, sampled = [], []
-    pool, label = ParallelROIPooler.forward, MNCROIHeads.label_and_sample_proposals
-    monkeypatch.setattr(ParallelROIPooler, "forward",
+    pool, label = ROIPooler.forward, MNCROIHeads.label_and_sample_proposals
+    monkeypatch.setattr(ROIPooler, "forward",
                         lambda self, x, boxes: calls.append((self, x, boxes)) or pool(self, x, boxes))
     monkeypatch.setattr(MNCROIHeads, "label_and_sample_proposals",
                         lambda self, *a: sampled.extend(label(self, *a)) or sampled[-len(a[0]):])

@@ -8,7 +8,6 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import roi_align
 
 from mnc_d2.modeling.mask_voting import mask_voting
-from mnc_d2.modeling.poolers import ParallelROIPooler
 from mnc_d2.modeling.roi_warp import roi_warp
 
 from conftest import make_batch, small_cfg
@@ -39,15 +38,6 @@ def test_mask_voting_on_cuda_matches_cpu():
     assert voted_cuda.device.type == "cuda"
     assert (voted_cuda.cpu() != voted).sum() <= 2  # float rounding at the 0.4 threshold only
     torch.testing.assert_close(voted_boxes_cuda.cpu(), voted_boxes, atol=1, rtol=0)
-
-
-def test_cpu_speed_paths_are_not_used_on_cuda(monkeypatch):
-    pooler = ParallelROIPooler(output_size=7, scales=(0.25,), sampling_ratio=2, pooler_type="ROIAlignV2")
-    monkeypatch.setattr("mnc_d2.modeling.poolers._executor", lambda *a: pytest.fail("threads used on CUDA"))
-    boxes = [Boxes(torch.tensor([[4.0, 4.0, 40.0, 36.0]] * 64).cuda())]
-    with torch.no_grad():
-        out = pooler([torch.randn(1, 8, 32, 32).cuda()], boxes)
-    assert out.shape == (64, 8, 7, 7) and out.device.type == "cuda"
 
 
 @pytest.mark.parametrize("stages", [3, 5])

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, ROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
@@ -35,7 +36,6 @@ from detectron2.utils.events import get_event_storage
 from .inference import select_candidates
 from .box_gradients import clip_box_gradient, clip_delta_gradient
 from .mask_ops import mask_loss, mask_pooled_features, mask_targets, max_pool_square, segment_iou_with_whole_gt
-from .poolers import ParallelROIPooler
 from .sampling import sample_mnc_rois
 
 logger = logging.getLogger(__name__)
@@ -195,11 +195,11 @@ class MNCROIHeads(ROIHeads):
             roi_pooler = ROIWarper(output_size=resolution, scales=scales,
                                    sampling_ratio=mnc.BOX_GRADIENTS.SAMPLING_RATIO)
             # without autograd (inference) the warp's values come cheaper from RoIAlign (same sample points)
-            ret["inference_pooler"] = ParallelROIPooler(output_size=resolution, scales=scales,
+            ret["inference_pooler"] = ROIPooler(output_size=resolution, scales=scales,
                                                         sampling_ratio=mnc.BOX_GRADIENTS.SAMPLING_RATIO,
                                                         pooler_type="ROIAlignV2")
         else:
-            roi_pooler = ParallelROIPooler(output_size=resolution, scales=scales,
+            roi_pooler = ROIPooler(output_size=resolution, scales=scales,
                                            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
                                            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
         roi_shape = ShapeSpec(channels=in_channels, height=resolution, width=resolution)
@@ -228,7 +228,7 @@ class MNCROIHeads(ROIHeads):
             final_shape = roi_shape
             if mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION > 0:  # its own RoI features, as Mask R-CNN's mask head
                 final_res = mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION
-                ret["final_pooler"] = ParallelROIPooler(output_size=final_res, scales=scales,
+                ret["final_pooler"] = ROIPooler(output_size=final_res, scales=scales,
                                                         sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
                                                         pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE)
                 final_shape = ShapeSpec(channels=in_channels, height=final_res, width=final_res)

@@ -8,11 +8,11 @@ from detectron2.modeling.backbone import FPN, BasicStem, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator import StandardRPNHead
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, MaskRCNNConvUpsampleHead
 
 from mnc_d2.modeling import MNC, MNCMaskHead, MNCROIHeads, MNCRPN
-from mnc_d2.modeling.poolers import ParallelROIPooler
 
 SCALES = (1.0 / 4, 1.0 / 8, 1.0 / 16, 1.0 / 32)
 
@@ -53,7 +53,7 @@ model = L(MNC)(
         positive_fraction=0.3,
         proposal_matcher=L(Matcher)(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
         in_features=["p2", "p3", "p4", "p5"],
-        roi_pooler=L(ParallelROIPooler)(output_size=7, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2"),
+        roi_pooler=L(ROIPooler)(output_size=7, scales=SCALES, sampling_ratio=2, pooler_type="ROIAlignV2"),
         # stage 2: the paper's FC head, one class-agnostic 21x21 mask per RoI
         mask_head=L(MNCMaskHead)(
             input_shape=L(ShapeSpec)(channels="${....backbone.out_channels}", height=7, width=7),
@@ -61,7 +61,7 @@ model = L(MNC)(
         ),
         # the output masks: D2's conv head with its own 14x14 RoIAlign, on the final boxes (built before the
         # stage-3 heads, in from_config's order: the same initial weights for a seed)
-        final_pooler=L(ParallelROIPooler)(output_size=14, scales=SCALES, sampling_ratio=0, pooler_type="ROIAlignV2"),
+        final_pooler=L(ROIPooler)(output_size=14, scales=SCALES, sampling_ratio=0, pooler_type="ROIAlignV2"),
         final_mask_head=L(MaskRCNNConvUpsampleHead)(
             input_shape=L(ShapeSpec)(channels="${....backbone.out_channels}", height=14, width=14),
             num_classes=1,
