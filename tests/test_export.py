@@ -57,7 +57,7 @@ def _export_cli(files, fmt, out, *extra_opts, images=None, threads="2"):
     cmd = [sys.executable, "-m", "mnc_d2.export", "--config-file", CONFIG, "--format", fmt,
            "--sample-image", *(images or sample_images), "--output", str(out), "MODEL.WEIGHTS", weights,
            *map(str, SMALL_OPTS), *map(str, extra_opts)]
-    # two threads: the CPU RoI pooler's threaded path runs (a trace must not freeze its RoI chunks)
+    # two threads, as the CPU machine runs it (the export must not depend on the thread count)
     env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONWARNINGS="ignore")
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
