@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.report import BASELINE, _fmt, _ratio  # noqa: E402
+from benchmarks.report import BASELINE, _fmt, _ratio, failure_cell  # noqa: E402
 
 
 def _ap(evaluation: Dict, task: str, key: str) -> Optional[float]:
@@ -89,9 +89,7 @@ def seeds_markdown(dirs: List[str]) -> str:
             if result.get("status") == "ok":
                 cell = _fmt(result["eval"]["final"].get("segm", {}).get("AP"), ".1f")
             else:
-                message = result.get("message", "")
-                cell = ("diverged at iteration " + message.split("iteration ")[1].split(":")[0]
-                        if "training failed at iteration" in message else result.get("status", "?"))
+                cell = failure_cell(result)
             by_model.setdefault(name, {})[seed] = cell
     seeds = sorted({s for cells in by_model.values() for s in cells})
     lines = ["## Seeds: does training collapse?", "", "segm AP after the run, or where it diverged (NaN/Inf).", "",

@@ -81,12 +81,12 @@ def compact(folders: List[str], repo: str) -> List[str]:
         seeds_run = meta.get("seeds") or [meta.get("seed")]
         dataset = f"[{meta['dataset']}]({rel}/benchmark.md), {meta['iters']} it, seeds {', '.join(map(str, seeds_run))}"
         for name, e in data["models"].items():
-            if "mean" not in e:  # a one-seed benchmark.json: no summary to show in this form
+            if "seeds" not in e:  # a one-seed benchmark.json: no summary to show in this form
                 continue
             per_seed = " / ".join("–" if v["segm_AP"] is None else f"{v['segm_AP']:.1f}" for v in e["seeds"].values())
             c, is_base = comparison.get(name, {}), name == report.BASELINE
             inf, train, flops = (1.0, 1.0, 1.0) if is_base else _timing_ratios(folder, name)
-            ap = seeds._pm(e["mean"]["segm_AP"], e["std"]["segm_AP"]) if e["status"] == "ok" else e["message"]
+            ap = seeds._pm(e["mean"]["segm_AP"], e["std"]["segm_AP"]) if e["status"] == "ok" else seeds.failure_summary(e)
             lines.append("| " + " | ".join([
                 dataset, f"`{name}`", ap, per_seed,
                 "–" if is_base else report._fmt(c.get("segm_ap_diff"), "+.1f"),

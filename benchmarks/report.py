@@ -7,6 +7,7 @@ markdown table and PNG figure written from them. Pure functions of the per-model
 import json
 import math
 import os
+import re
 import sys
 from typing import Dict, List, Optional
 
@@ -28,6 +29,17 @@ RESULT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "figure": 
 # ------------------------------------------------------------------------------------ accessors
 def _ok(result: Optional[Dict]) -> bool:
     return bool(result) and result.get("status") == "ok"
+
+
+def failure_cell(result: Dict) -> str:
+    """A run that did not finish, in a few words for a table: "diverged at iteration N" (NaN/Inf), else its
+    status and the first sentence of its message, cut at 80 characters (the json keeps the whole message)."""
+    message = result.get("message") or ""
+    diverged = re.search(r"training failed at iteration (\d+)", message)
+    if diverged and any(word in message for word in ("Non-finite", "diverged", "Inf/NaN")):
+        return f"diverged at iteration {diverged.group(1)}"
+    first = message.split(". ")[0]
+    return result.get("status", "?") + (f" ({first[:80]}{'...' if len(first) > 80 else ''})" if first else "")
 
 
 def train_s_per_iter(result: Dict) -> Optional[float]:

@@ -85,6 +85,11 @@ def compare(summary: Dict[str, Dict], per_seed: Dict[int, Dict[str, Dict]]) -> D
     return out
 
 
+def failure_summary(entry: Dict) -> str:
+    """A failed model's seeds in a few words, e.g. "seed 2: diverged at iteration 78; seed 3: missing"."""
+    return "; ".join(f"seed {s}: {report.failure_cell(v)}" for s, v in entry["seeds"].items() if v["status"] != "ok")
+
+
 def _pm(mean: Optional[float], std: Optional[float], spec: str = ".1f") -> str:
     return "–" if mean is None else f"{mean:{spec}} ± {std:{spec}}"
 
@@ -102,7 +107,7 @@ def markdown(data: Dict) -> str:
         title = f"{e['label']} (`{name}`)"
         per_seed = " / ".join("–" if v["segm_AP"] is None else f"{v['segm_AP']:.1f}" for v in e["seeds"].values())
         if e["status"] != "ok":
-            lines.append(f"| {title} | {e['message']} | | | | {per_seed} |" + " |" * 5)
+            lines.append(f"| {title} | {failure_summary(e)} | | | | {per_seed} |" + " |" * 5)
             continue
         m, s, c = e["mean"], e["std"], comparison.get(name, {})
         is_base = name == report.BASELINE

@@ -513,6 +513,29 @@ def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
     assert "| `paper` | 61.5 | diverged at iteration 48 |" in table
 
 
+
+def test_failed_seeds_are_summed_up_in_a_few_words(tmp_path):
+    """A model that diverged on some seeds shows where, not the whole error, in the seeds table and the README's."""
+    from benchmarks import readme_tables
+
+    long = ("training failed at iteration 78: NonFiniteError: Non-finite values at iteration 78: Predicted boxes or "
+            "scores contain Inf/NaN. Training has diverged. No update was applied ... resume with --resume.")
+    per_seed = _fake_seeds()
+    per_seed[2]["mnc5"] = dict(_fake_result("mnc5", 0, 0, 0, 0, "failed"), message=long)
+    metas = {s: dict(FAKE_META, seed=s, command=f"python -m benchmarks.run_benchmark --seed {s}") for s in per_seed}
+    paths = seeds.write_outputs(str(tmp_path), metas, per_seed)
+    row = next(line for line in open(paths["markdown"]).read().splitlines() if "(`mnc5`)" in line)
+    assert "seed 2: diverged at iteration 78; seed 3: failed (boom)" in row and "No update" not in row
+    assert json.load(open(paths["json"]))["models"]["mnc5"]["message"].count(long) == 1  # the json keeps it all
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{readme_tables.BEGIN}\n{readme_tables.END}\n")
+    assert readme_tables.main(["--compact", str(readme), str(tmp_path)]) == 0
+    row = next(line for line in readme.read_text().splitlines() if "`mnc5`" in line)
+    assert "seed 2: diverged at iteration 78; seed 3: failed (boom)" in row and "No update" not in row
+    assert report.failure_cell({"status": "failed", "message": "worker exited with code 9 without a result"}) == \
+        "failed (worker exited with code 9 without a result)"
+
+
 # ---------------------------------------------------------------------------------------- README tables
 def test_readme_headline_block_is_regenerated_from_the_files(tmp_path):
     from benchmarks import readme_tables
