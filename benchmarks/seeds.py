@@ -91,7 +91,7 @@ def failure_summary(entry: Dict) -> str:
 
 
 def _pm(mean: Optional[float], std: Optional[float], spec: str = ".1f") -> str:
-    return "–" if mean is None else f"{mean:{spec}} ± {std:{spec}}"
+    return "–" if mean is None else f"{mean:{spec}} ± {std:{spec.lstrip('+')}}"  # a sign on the mean only
 
 
 def markdown(data: Dict) -> str:
