@@ -291,7 +291,8 @@ def parse_args(argv=None):
                         help="train nothing: re-time the final weights (model_final.pth, from a run with "
                              "--keep-checkpoints) of every --models model of --out back to back, inference (and its "
                              "test-time variants) and --timing-iters training steps; writes timing.{json,md} with "
-                             "ratios to Mask R-CNN")
+                             "ratios to Mask R-CNN. KEY VALUE opts apply on top of each model's saved config (e.g. a "
+                             "test-time setting to time on the same weights)")
     parser.add_argument("--timing-iters", type=int, default=20, help="--time-only: timed training steps per model")
     parser.add_argument("--flop-images", type=int, default=5,
                         help="--time-only: val images for each model's FLOP count (mnc_d2.analyze); 0 = none")
@@ -489,7 +490,8 @@ def time_only(args, argv) -> int:
             print(f"[bench] ({i + 1}/{len(args.models)}) {name}: skipped ({models[name]['message']})", flush=True)
             continue
         spec.update(mode="time", threads=args.threads, timing_iters=args.timing_iters, flop_images=args.flop_images,
-                    result_file=os.path.join(work_dir, "timing_result.json"))
+                    result_file=os.path.join(work_dir, "timing_result.json"),
+                    opts=[*spec["opts"], *map(str, args.opts)])  # KEY VALUE pairs given now apply on top
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)
         models[name] = run_worker(spec, args.verbose)
     meta = {"dataset": args.dataset, "out": args.out, "models": args.models, "threads": args.threads,

@@ -458,8 +458,8 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     proc = subprocess.run([*common, "--keep-checkpoints"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     training_spec = (out / "runs" / "mnc3" / "spec.json").read_text()
-    proc = subprocess.run([*common, "--time-only", "--timing-iters", "2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*common, "--time-only", "--timing-iters", "2", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
+                           "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timing = json.loads((out / "timing.json").read_text())
     for name in ("mnc3", "maskrcnn"):
@@ -470,6 +470,8 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
         assert 0 < result["flops"]["num_inputs"] <= 5 and result["flops"]["gflops_per_image"] > 0  # --flop-images
     assert set(timing["models"]["mnc3"]["variants"]) == {"no_voting"}
     assert (out / "runs" / "mnc3" / "spec.json").read_text() == training_spec  # --resume still matches
+    timed = json.loads((out / "runs" / "mnc3" / "timing_spec.json").read_text())["opts"]
+    assert timed[-2:] == ["MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", "0"]  # the command line's opts apply on top
     assert not (out / "runs" / "mnc3" / "timing" / "model_final.pth").exists()  # nothing saved
     text = (out / "timing.md").read_text()
     assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text and "GFLOPs/img" in text
