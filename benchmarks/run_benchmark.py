@@ -394,6 +394,13 @@ def _portable(spec: Dict) -> str:
     return text
 
 
+def in_this_checkout(config_file: str) -> str:
+    """A saved spec's config file in this checkout: runs made in (or copied from) another clone name its path,
+    and timing them with that clone's configs would time what that clone's configs say."""
+    _, sep, relative = config_file.partition("/configs/")
+    return os.path.join(REPO, "configs", relative) if sep else config_file
+
+
 def resolved_config(spec: Dict) -> Dict:
     """``spec``'s config file + opts resolved now, as the worker's ``config_snapshot``."""
     from benchmarks.worker import config_snapshot  # imports detectron2: only when --resume finds a saved run
@@ -489,7 +496,8 @@ def time_only(args, argv) -> int:
             models[name] = {"name": name, "status": "skipped", "message": f"no {work_dir}/spec.json: not trained"}
             print(f"[bench] ({i + 1}/{len(args.models)}) {name}: skipped ({models[name]['message']})", flush=True)
             continue
-        spec.update(mode="time", threads=args.threads, timing_iters=args.timing_iters, flop_images=args.flop_images,
+        spec.update(mode="time", config_file=in_this_checkout(spec["config_file"]), threads=args.threads,
+                    timing_iters=args.timing_iters, flop_images=args.flop_images,
                     result_file=os.path.join(work_dir, "timing_result.json"),
                     opts=[*spec["opts"], *map(str, args.opts)])  # KEY VALUE pairs given now apply on top
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)

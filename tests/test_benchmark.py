@@ -458,6 +458,12 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     proc = subprocess.run([*common, "--keep-checkpoints"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     training_spec = (out / "runs" / "mnc3" / "spec.json").read_text()
+    # a run made in another clone: --time-only reads the config file of this checkout, not that clone's
+    spec_file = out / "runs" / "maskrcnn" / "spec.json"
+    moved = json.loads(spec_file.read_text())
+    config_file = moved["config_file"]
+    moved["config_file"] = "/another/clone/configs/" + config_file.partition("/configs/")[2]
+    spec_file.write_text(json.dumps(moved))
     proc = subprocess.run([*common, "--time-only", "--timing-iters", "2", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
                            "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -472,6 +478,7 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     assert (out / "runs" / "mnc3" / "spec.json").read_text() == training_spec  # --resume still matches
     timed = json.loads((out / "runs" / "mnc3" / "timing_spec.json").read_text())["opts"]
     assert timed[-2:] == ["MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", "0"]  # the command line's opts apply on top
+    assert json.loads((out / "runs" / "maskrcnn" / "timing_spec.json").read_text())["config_file"] == config_file
     assert not (out / "runs" / "mnc3" / "timing" / "model_final.pth").exists()  # nothing saved
     text = (out / "timing.md").read_text()
     assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text and "GFLOPs/img" in text
