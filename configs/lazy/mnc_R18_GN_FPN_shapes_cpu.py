@@ -20,6 +20,7 @@ model.backbone.out_channels = 128
 rpn = model.proposal_generator
 rpn.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 rpn.pre_nms_topk = (1000, 500)
+rpn.post_nms_topk = (300, 200)  # the cascade runs three heads on each test RoI (MNC: 300)
 rpn.batch_size_per_image = 128
 
 heads = model.roi_heads
