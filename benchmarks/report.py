@@ -361,6 +361,22 @@ def write_outputs(out_dir: str, meta: Dict, models: Dict[str, Dict]) -> Dict[str
 TIMING_FILES = {"json": "timing.json", "markdown": "timing.md"}
 
 
+def _inference_rule(meta: Dict) -> str:
+    if meta.get("rounds", 1) == 1:
+        return "median s/image at batch 1 on the val images"
+    return (f"median over {meta['rounds']} rounds (the model order reversed every other round) of each round's "
+            f"median s/image at batch 1 on the val images; in brackets, the lowest and highest ratio of one round")
+
+
+def _round_ratios(result: Dict, base: Dict) -> str:
+    """' (1.18-1.31)': the range of a model's inference ratio to the baseline's in the same round."""
+    rounds, base_rounds = (r.get("inference", {}).get("round_medians") for r in (result, base))
+    if not rounds or not base_rounds or len(rounds) != len(base_rounds):
+        return ""
+    ratios = [a / b for a, b in zip(rounds, base_rounds)]
+    return f" ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def timing_markdown(meta: Dict, models: Dict[str, Dict], baseline: str = BASELINE) -> str:
     """Inference s/image and training s/iteration of every model (and test-time variant), with their ratios
     to the baseline, all from one ``--time-only`` invocation."""
@@ -368,8 +384,8 @@ def timing_markdown(meta: Dict, models: Dict[str, Dict], baseline: str = BASELIN
     base_inf, base_train, base_flops = inference_s_per_image(base), train_s_per_iter(base), gflops_per_image(base)
     lines = [f"# Timing: {meta['dataset']}, {meta['threads']} threads, one invocation", "",
              f"`{meta['command']}` (git {meta['git']}, started {meta['started']}, {meta['wall_s'] / 60:.1f} min). "
-             f"Final weights of each model, timed back to back: inference = median s/image at batch 1 on the val "
-             f"images; training = median s/iteration over {meta['timing_iters']} steps after a warm-up.", "",
+             f"Final weights of each model, timed back to back: inference = {_inference_rule(meta)}; training = "
+             f"median s/iteration over {meta['timing_iters']} steps after a warm-up.", "",
              "| model | inference s/img | × Mask R-CNN | train s/iter | × Mask R-CNN | GFLOPs/img | × Mask R-CNN "
              "| train peak MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in models.items():
@@ -378,7 +394,8 @@ def timing_markdown(meta: Dict, models: Dict[str, Dict], baseline: str = BASELIN
             continue
         inf, train = inference_s_per_image(result), train_s_per_iter(result)
         flops = gflops_per_image(result)
-        lines.append(f"| {name} | {_fmt(inf)} | {_fmt(_ratio(inf, base_inf), '.2f')} | {_fmt(train)} | "
+        lines.append(f"| {name} | {_fmt(inf)} | {_fmt(_ratio(inf, base_inf), '.2f')}{_round_ratios(result, base)} | "
+                     f"{_fmt(train)} | "
                      f"{_fmt(_ratio(train, base_train), '.2f')} | {_fmt(flops, '.2f')} | "
                      f"{_fmt(_ratio(flops, base_flops), '.2f')} | {_fmt(result['memory'].get('train_peak_mb'), '.0f')} |")
         for variant, timing in (result.get("variants") or {}).items():

@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -294,6 +295,10 @@ def parse_args(argv=None):
                              "ratios to Mask R-CNN. KEY VALUE opts apply on top of each model's saved config (e.g. a "
                              "test-time setting to time on the same weights)")
     parser.add_argument("--timing-iters", type=int, default=20, help="--time-only: timed training steps per model")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--time-only: time inference in this many rounds over the models, the order reversed "
+                             "every other round, so that the machine's drift hits every model alike; a model's "
+                             "s/image is then the median of its rounds' medians")
     parser.add_argument("--flop-images", type=int, default=5,
                         help="--time-only: val images for each model's FLOP count (mnc_d2.analyze); 0 = none")
     parser.add_argument("--verbose", action="store_true", help="echo the models' full Detectron2 logs")
@@ -317,6 +322,8 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.rounds < 1 or (args.rounds > 1 and not args.time_only):
+        parser.error("--rounds N (N >= 1) goes with --time-only")
     if args.seeds and args.time_only:
         parser.error("--time-only times one set of weights in one invocation: give --out <out>/seed<N>, not --seeds")
     size = SIZES[args.size]
@@ -356,8 +363,8 @@ def run_worker(spec: Dict, verbose: bool) -> Dict:
     """Run worker.py on ``spec`` in a fresh process; echo its progress; return its result."""
     os.makedirs(spec["work_dir"], exist_ok=True)
     # the training spec stays in spec.json (--resume compares it); a --time-only spec goes beside it
-    spec_file = os.path.join(spec["work_dir"], {"time": "timing_spec.json", "evaluate": "reevaluate_spec.json"}.get(
-        spec.get("mode"), "spec.json"))
+    spec_file = os.path.join(spec["work_dir"], {"time": "timing_spec.json", "time_inference": "timing_round_spec.json",
+                                                "evaluate": "reevaluate_spec.json"}.get(spec.get("mode"), "spec.json"))
     with open(spec_file, "w") as f:
         json.dump(spec, f, indent=1)
     if os.path.exists(spec["result_file"]):
@@ -486,7 +493,7 @@ def time_only(args, argv) -> int:
     """``--time-only``: one invocation that re-times every model's saved final weights back to back."""
     started = datetime.datetime.now().astimezone()
     t0 = time.perf_counter()
-    models = {}
+    models, specs = {}, {}
     for i, name in enumerate(args.models):
         work_dir = os.path.join(args.out, "runs", name)
         try:
@@ -502,7 +509,28 @@ def time_only(args, argv) -> int:
                     opts=[*spec["opts"], *map(str, args.opts)])  # KEY VALUE pairs given now apply on top
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)
         models[name] = run_worker(spec, args.verbose)
+        specs[name] = spec
+    timed = [name for name in specs if models[name].get("status") == "ok"]
+    for round_index in range(1, args.rounds):
+        for name in (timed[::-1] if round_index % 2 else list(timed)):  # A B, B A, A B, ...
+            print(f"[bench] round {round_index + 1}/{args.rounds}: {name}: timing inference", flush=True)
+            again = run_worker(dict(specs[name], mode="time_inference", result_file=os.path.join(
+                specs[name]["work_dir"], "timing_round_result.json")), args.verbose)
+            if again.get("status") != "ok":
+                models[name].update(status="failed", message=f"round {round_index + 1}: {again.get('message')}")
+                timed.remove(name)
+                continue
+            models[name]["inference"].setdefault("round_medians", [
+                models[name]["inference"]["s_per_image"]["median"]]).append(again["inference"]["s_per_image"]["median"])
+    for name in timed:
+        inference = models[name]["inference"]
+        if "round_medians" in inference:  # the first round's per-image summary is kept beside the rounds'
+            inference["first_round_s_per_image"] = inference["s_per_image"]
+            medians = inference["round_medians"]
+            inference["s_per_image"] = {"median": round(statistics.median(medians), 5), "min": min(medians),
+                                        "max": max(medians)}
     meta = {"dataset": args.dataset, "out": args.out, "models": args.models, "threads": args.threads,
+            "rounds": args.rounds,
             "timing_iters": args.timing_iters, "flop_images": args.flop_images, "git": git_description(),
             "command": " ".join(["python -m benchmarks.run_benchmark", *(argv if argv is not None else sys.argv[1:])]),
             "started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),

@@ -589,6 +589,8 @@ def time_model(spec: Dict) -> Dict:
                                   memory, device)
     result["memory"] = {"method": memory.method, "inference_peak_mb": inference.pop("peak_mb")}
     result["inference"] = inference
+    if spec["mode"] == "time_inference":  # another round of --time-only --rounds: inference only
+        return result
     if spec.get("flop_images"):
         result["flops"] = measure_flops(cfg, model, val_name, spec["flop_images"])
     result["variants"] = {}
@@ -671,7 +673,7 @@ def main(argv=None) -> int:
     with open(spec_file) as f:
         spec = json.load(f)
     try:
-        result = {"time": time_model, "evaluate": reevaluate}.get(spec.get("mode"), run)(spec)
+        result = {"time": time_model, "time_inference": time_model, "evaluate": reevaluate}.get(spec.get("mode"), run)(spec)
     except Exception as e:
         traceback.print_exc()
         result = {"name": spec["name"], "label": spec["label"], "status": "failed",

@@ -4,6 +4,7 @@ whose three outputs are checked for form (the numbers of such a run mean nothing
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -234,6 +235,9 @@ def test_seeds_arguments():
         run_benchmark.parse_args(["--seeds", "2,x"])
     with pytest.raises(SystemExit):
         run_benchmark.parse_args(["--seeds", "2,3", "--time-only"])
+    for wrong in (["--rounds", "3"], ["--time-only", "--rounds", "0"]):  # rounds of --time-only only, at least 1
+        with pytest.raises(SystemExit):
+            run_benchmark.parse_args(wrong)
     assert run_benchmark._one_seed_command(["--seeds", "2,3", "--out", "/o", "--models", "mnc3"], 3, "/o/seed3") == [
         "--models", "mnc3", "--seed", "3", "--out", "/o/seed3"]
 
@@ -464,15 +468,18 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     config_file = moved["config_file"]
     moved["config_file"] = "/another/clone/configs/" + config_file.partition("/configs/")[2]
     spec_file.write_text(json.dumps(moved))
-    proc = subprocess.run([*common, "--time-only", "--timing-iters", "2", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
-                           "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*common, "--time-only", "--timing-iters", "2", "--rounds", "3",
+                           "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", "0"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timing = json.loads((out / "timing.json").read_text())
     for name in ("mnc3", "maskrcnn"):
         result = timing["models"][name]
         assert result["status"] == "ok", result
         assert result["train"]["timed_iters"] == 2 and result["train"]["s_per_iter"]["median"] > 0
-        assert result["inference"]["s_per_image"]["median"] > 0
+        rounds = result["inference"]["round_medians"]  # --rounds 3: the first round's median, then two more
+        assert len(rounds) == 3 and rounds[0] == result["inference"]["first_round_s_per_image"]["median"]
+        assert result["inference"]["s_per_image"]["median"] == round(statistics.median(rounds), 5) > 0
         assert 0 < result["flops"]["num_inputs"] <= 5 and result["flops"]["gflops_per_image"] > 0  # --flop-images
     assert set(timing["models"]["mnc3"]["variants"]) == {"no_voting"}
     assert (out / "runs" / "mnc3" / "spec.json").read_text() == training_spec  # --resume still matches
@@ -481,7 +488,12 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     assert json.loads((out / "runs" / "maskrcnn" / "timing_spec.json").read_text())["config_file"] == config_file
     assert not (out / "runs" / "mnc3" / "timing" / "model_final.pth").exists()  # nothing saved
     text = (out / "timing.md").read_text()
-    assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text and "GFLOPs/img" in text
+    assert "| mnc3 |" in text and "| mnc3 [no_voting] |" in text and "GFLOPs/img" in text and "3 rounds" in text
+    order = [line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("[bench] round ")]
+    assert order == ["maskrcnn", "mnc3", "mnc3", "maskrcnn"]  # the order reversed every other round
+    per_round = [a / b for a, b in zip(*(timing["models"][m]["inference"]["round_medians"] for m in ("mnc3", "maskrcnn")))]
+    mnc3_line = [line for line in text.splitlines() if line.startswith("| mnc3 |")][0]
+    assert f"({min(per_round):.2f}-{max(per_round):.2f})" in mnc3_line
     flops = timing["models"]["mnc3"]["flops"]["gflops_per_image"] / timing["models"]["maskrcnn"]["flops"]["gflops_per_image"]
     assert f"| {flops:.2f} |" in [line for line in text.splitlines() if line.startswith("| mnc3 |")][0]
 
