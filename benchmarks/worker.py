@@ -425,8 +425,15 @@ def config_snapshot(cfg) -> Dict:
     return json.loads(json.dumps(flat))  # tuples -> lists, as read back from result.json
 
 
+# ... except the number of test RoIs each model's heads run on: a per-model cost choice (MNC's CPU configs: 200,
+# the Mask R-CNN baseline: 300), recorded in each result's config snapshot.
+PER_MODEL_KEYS = ("MODEL.RPN.POST_NMS_TOPK_TEST",)
+
+
 def shared_settings_digest(cfg) -> str:
-    text = json.dumps({key: _get(cfg, key) for key in SHARED_KEYS}, sort_keys=True, default=str)
+    shared = {key: _get(cfg, key) for key in SHARED_KEYS}
+    shared["MODEL.RPN"] = {k: v for k, v in shared["MODEL.RPN"].items() if f"MODEL.RPN.{k}" not in PER_MODEL_KEYS}
+    text = json.dumps(shared, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -41,6 +41,17 @@ def test_models_share_everything_but_the_roi_heads(dataset, size):
     assert len(set(digests.values())) == 1, digests
 
 
+def test_the_test_roi_count_is_the_one_rpn_key_a_model_may_choose():
+    cfg = _cfg("maskrcnn")
+    shared = worker.shared_settings_digest(cfg)
+    assert (_cfg("mnc3").MODEL.RPN.POST_NMS_TOPK_TEST, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (200, 300)
+    cfg.defrost()
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 123
+    assert worker.shared_settings_digest(cfg) == shared
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 123  # training proposals stay shared
+    assert worker.shared_settings_digest(cfg) != shared
+
+
 def test_model_configs_are_what_they_claim():
     mnc3, mnc5, maskrcnn = (_cfg(name) for name in MODEL_NAMES)
     assert (mnc3.MODEL.META_ARCHITECTURE, mnc3.MODEL.MNC.NUM_STAGES) == ("MNC", 3)
