@@ -106,7 +106,8 @@ def add_mnc_config(cfg):
 
     # Inference.
     _C.MODEL.MNC.TEST = CN()
-    # Soft masks are binarised at this value (D2 uses 0.5).
+    # Output soft masks are binarised at this value: the authors' 0.4 for their FC head; Base-MNC.yaml sets
+    # Mask R-CNN's 0.5 for D2's conv head, which predicts the default's output masks.
     _C.MODEL.MNC.TEST.MASK_THRESHOLD = 0.4
     # Mask voting: each kept instance's mask becomes the score-weighted mean of the masks of all
     # same-class candidates whose box IoU with it is >= VOTING_IOU; its box is the voted mask's tight box.

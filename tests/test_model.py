@@ -35,6 +35,18 @@ def test_every_shipped_config_builds(path):
         assert type(model.roi_heads).__name__ == "MNCROIHeads"
 
 
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
+def test_output_masks_are_binarised_at_their_heads_threshold(path):
+    """D2's conv head (the default's output head) is binarised at Mask R-CNN's 0.5; the paper's FC head, which
+    predicts the output masks when there is no final head, at the authors' 0.4."""
+    cfg = load_cfg(path)
+    if cfg.MODEL.META_ARCHITECTURE != "MNC":
+        return
+    mnc = cfg.MODEL.MNC
+    d2_head_outputs = bool(mnc.FINAL_MASK_HEAD.NAME) and mnc.TEST.MASKS_ON_FINAL_BOXES
+    assert mnc.TEST.MASK_THRESHOLD == (0.5 if d2_head_outputs else 0.4)
+
+
 def test_registries_know_mnc_parts():
     from detectron2.modeling import META_ARCH_REGISTRY
     from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY

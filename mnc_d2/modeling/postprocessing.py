@@ -1,5 +1,6 @@
 """Image-space post-processing of MNC detections: rescale to the output resolution, then paste each
-kept mask in the box it was predicted in (threshold 0.4), or vote masks over candidates.
+kept mask in the box it was predicted in, binarised at MODEL.MNC.TEST.MASK_THRESHOLD, or vote masks over
+candidates.
 
 Shape shorthand: C = candidates, D = kept detections, M = mask side, H x W = output image.
 """

@@ -92,4 +92,5 @@ model = L(MNC)(
     pixel_std=[1.0, 1.0, 1.0],
     input_format="BGR",
     mask_voting=False,
+    mask_threshold=0.5,  # MODEL.MNC.TEST.MASK_THRESHOLD (Base-MNC.yaml)
 )
