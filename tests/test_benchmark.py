@@ -74,13 +74,10 @@ def test_model_configs_are_what_they_claim():
     assert (mnc3.MODEL.ROI_MASK_HEAD.NUM_CONV, mnc3.MODEL.ROI_MASK_HEAD.CONV_DIM) == (mask.NUM_CONV, mask.CONV_DIM)
     assert (mnc.TEST.MASKS_ON_FINAL_BOXES, mnc.TEST.MASK_VOTING, mnc3.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (
         True, False, roi.NMS_THRESH_TEST)
-    # 128 RoIs per image at Mask R-CNN's 25 % foreground (the authors': 64 at <= 30 %)
-    assert (mnc3.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE, mnc3.MODEL.ROI_HEADS.POSITIVE_FRACTION) == (128, 0.25)
     paper = _cfg("paper")  # the authors' values, pinned back in the paper config
     assert (paper.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, paper.MODEL.MNC.PATHWAY_POOL,
             paper.MODEL.MNC.FINAL_MASK_HEAD.NAME, paper.MODEL.MNC.TEST.MASK_VOTING,
-            paper.MODEL.ROI_HEADS.NMS_THRESH_TEST, paper.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-            paper.MODEL.ROI_HEADS.POSITIVE_FRACTION) == (14, 2, "", True, 0.3, 64, 0.3)
+            paper.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (14, 2, "", True, 0.3)
     hela = _cfg("maskrcnn", "hela")
     assert hela.MODEL.ROI_HEADS.NUM_CLASSES == 1 and hela.DATASETS.TEST == ("hela_nuclei_val",)
 
