@@ -558,7 +558,7 @@ def main(argv=None) -> int:
         one = copy.copy(args)
         one.seed, one.out = seed, os.path.join(args.out, f"seed{seed}")
         command = [a for a in (argv if argv is not None else sys.argv[1:])]
-        metas[seed], per_seed[seed], failed = run_models(one, _one_seed_command(command, seed, one.out))
+        metas[seed], per_seed[seed], failed = run_models(one, _one_seed_command(command, seed, one.out, len(args.opts)))
         status = max(status, failed)
     paths = seeds.write_outputs(args.out, metas, per_seed)
     print(open(paths["markdown"]).read(), flush=True)
@@ -566,10 +566,12 @@ def main(argv=None) -> int:
     return status
 
 
-def _one_seed_command(argv: List[str], seed: int, out: str) -> List[str]:
-    """The command line of one seed's run: --seeds -> --seed N, --out -> its seed<N> folder."""
+def _one_seed_command(argv: List[str], seed: int, out: str, num_opts: int = 0) -> List[str]:
+    """The command line of one seed's run: --seeds -> --seed N, --out -> its seed<N> folder, placed before the
+    trailing ``num_opts`` KEY VALUE config options (flags after them are refused)."""
+    flags, opts = argv[:len(argv) - num_opts], argv[len(argv) - num_opts:]
     command, skip = [], False
-    for a in argv:
+    for a in flags:
         if skip:
             skip = False
             continue
@@ -578,7 +580,7 @@ def _one_seed_command(argv: List[str], seed: int, out: str) -> List[str]:
             continue
         if not a.startswith(("--seeds=", "--out=", "--seed=")):
             command.append(a)
-    return command + ["--seed", str(seed), "--out", out]
+    return command + ["--seed", str(seed), "--out", out] + opts
 
 
 def run_models(args, argv) -> Tuple[Dict, Dict[str, Dict], int]:

@@ -251,6 +251,11 @@ def test_seeds_arguments():
             run_benchmark.parse_args(wrong)
     assert run_benchmark._one_seed_command(["--seeds", "2,3", "--out", "/o", "--models", "mnc3"], 3, "/o/seed3") == [
         "--models", "mnc3", "--seed", "3", "--out", "/o/seed3"]
+    # KEY VALUE options stay last: the runner refuses flags after them, so the recorded command must run as printed
+    command = ["--seeds", "2,3", "--models", "mnc3", "--out", "/o", "MODEL.MNC.SEGMENT_GATING", "True"]
+    one_seed = run_benchmark._one_seed_command(command, 2, "/o/seed2", num_opts=2)
+    assert one_seed == ["--models", "mnc3", "--seed", "2", "--out", "/o/seed2", "MODEL.MNC.SEGMENT_GATING", "True"]
+    assert run_benchmark.parse_args(one_seed).opts == ["MODEL.MNC.SEGMENT_GATING", "True"]
 
 
 # ---------------------------------------------------------------------------------------- end to end
