@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The cascade ablation table (docs/benchmarks/ablation.md) from benchmark runs, one per dataset:
 
-    python -m benchmarks.ablation --out docs/benchmarks/ablation.md DIR [DIR ...]
+    python -m benchmarks.ablation --out docs/benchmarks/ablation.md DIR [DIR ...] [--seed-dirs ...] [--retrain A B]
 
 Each DIR is a ``run_benchmark.py --out`` folder: its ``benchmark.json`` gives the AP of every model and
 test-time variant (one training run per model); its ``timing.json``, when present, the times, all measured
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.report import BASELINE, _fmt, _ratio, failure_cell  # noqa: E402
+from benchmarks.report import BASELINE, _diff, _fmt, _ratio, failure_cell  # noqa: E402
 
 
 def _ap(evaluation: Dict, task: str, key: str) -> Optional[float]:
@@ -65,7 +65,8 @@ def markdown(dirs: List[str]) -> str:
             with open(os.path.join(d, "timing.json")) as f:
                 timing = json.load(f)
         meta = bench["benchmark"]
-        lines += [f"## {meta['dataset']}: {meta['iters']} iterations, seed {meta['seed']}, "
+        threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, " if meta.get("threads") else ""
+        lines += [f"## {meta['dataset']}: {meta['iters']} iterations, seed {meta['seed']}, {threads}"
                   f"{meta.get('num_val_images')} val images", "",
                   f"- AP: `{meta['command']}` (git {meta['git']}, {meta['wall_s'] / 60:.0f} min)",
                   f"- times: `{timing['timing']['command']}` (git {timing['timing']['git']})" if timing
@@ -99,14 +100,56 @@ def seeds_markdown(dirs: List[str]) -> str:
     return "\n".join(lines + ["", *commands, ""])
 
 
+def _segm_ap(result: Dict, variant: Optional[str] = None) -> Optional[float]:
+    if result.get("status") != "ok":
+        return None
+    evaluation = result["eval"]["final"] if variant is None else (result.get("variants") or {}).get(variant, {}).get("eval")
+    return _ap(evaluation, "segm", "AP")
+
+
+def retrain_markdown(first: str, second: str, reference: str = "paper", variant: str = "final_boxes_no_voting") -> str:
+    """The same models trained twice with one change that is not a switch (here: the thread count, which
+    changes the float summation order and so the whole run): per model, segm AP in each run (as configured
+    and with ``variant``), and each model's difference to ``reference`` in each run. A switch whose
+    difference to the reference changes sign between the two runs is not a result at one seed."""
+    benches = []
+    for d in (first, second):
+        with open(os.path.join(d, "benchmark.json")) as f:
+            benches.append(json.load(f))
+    (a, b), names = [x["models"] for x in benches], list(benches[0]["models"])
+    runs = [f"{x['benchmark'].get('threads', '?')} threads" for x in benches]
+    lines = [f"## The same models trained again: {runs[0]} (A) against {runs[1]} (B)", "",
+             f"segm AP after the run, as configured and with [{variant}]; Δ {reference}: the model's segm AP "
+             f"minus `{reference}`'s in the same run.", "",
+             f"- A: `{benches[0]['benchmark']['command']}` (git {benches[0]['benchmark']['git']})",
+             f"- B: `{benches[1]['benchmark']['command']}` (git {benches[1]['benchmark']['git']})", "",
+             f"| model | A | B | B − A | Δ {reference} A | Δ {reference} B | A [{variant}] | B [{variant}] |",
+             "| --- |" + " ---: |" * 7]
+    ref = [_segm_ap(x.get(reference, {})) for x in (a, b)]
+    for name in names + [n for n in b if n not in a]:
+        ra, rb = a.get(name, {}), b.get(name, {})
+        ap = [_segm_ap(ra), _segm_ap(rb)]
+        cells = [_fmt(v, ".1f") if v is not None else (failure_cell(r) if r else "–") for v, r in zip(ap, (ra, rb))]
+        cells.append(_fmt(_diff(ap[1], ap[0]), "+.1f"))
+        cells += [_fmt(_diff(v, r), "+.1f") for v, r in zip(ap, ref)]
+        cells += [_fmt(_segm_ap(r, variant), ".1f") for r in (ra, rb)]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", help="run_benchmark.py --out folders, one per dataset")
     parser.add_argument("--seed-dirs", nargs="*", default=[],
                         help="run_benchmark.py --out folders of the same models on other seeds (a collapse table)")
+    parser.add_argument("--retrain", nargs=2, metavar=("A", "B"),
+                        help="two run_benchmark.py --out folders of the same models trained twice (e.g. with "
+                             "--threads 2 and 1): a table of how much each model's AP, and its difference to "
+                             "`paper`, moved")
     parser.add_argument("--out", required=True, help="markdown file to write")
     args = parser.parse_args(argv)
     text = markdown(args.dirs) + ("\n" + seeds_markdown(args.seed_dirs) if args.seed_dirs else "")
+    text += "\n" + retrain_markdown(*args.retrain) if args.retrain else ""
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

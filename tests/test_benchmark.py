@@ -551,6 +551,31 @@ def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
 
 
 
+def test_retrain_table_shows_how_far_each_model_and_its_difference_to_paper_moved(tmp_path):
+    from benchmarks import ablation
+
+    def with_variant(result, ap):
+        return dict(result, variants={"final_boxes_no_voting": {"opts": [], "eval": {"segm": {"AP": ap}}}})
+
+    runs = {2: {"paper": with_variant(_fake_result("paper", 1, 1, 1, 20.0), 21.0),
+                "paper_x": dict(_fake_result("paper_x", 1, 1, 1, 0.0), status="failed",
+                                message="training failed at iteration 40: NonFiniteError: Non-finite gradient"),
+                "maskrcnn": _fake_result("maskrcnn", 1, 1, 1, 18.0)},
+            1: {"paper": with_variant(_fake_result("paper", 1, 1, 1, 22.5), 23.0),
+                "paper_x": with_variant(_fake_result("paper_x", 1, 1, 1, 21.0), 24.5),
+                "maskrcnn": _fake_result("maskrcnn", 1, 1, 1, 17.0)}}
+    for threads, models in runs.items():
+        os.makedirs(tmp_path / str(threads))
+        bench = {"benchmark": dict(FAKE_META, threads=threads, wall_s=60), "models": models}
+        (tmp_path / str(threads) / "benchmark.json").write_text(json.dumps(bench))
+    table = ablation.retrain_markdown(str(tmp_path / "2"), str(tmp_path / "1"))
+    assert "2 threads (A) against 1 threads (B)" in table
+    assert "| `paper` | 20.0 | 22.5 | +2.5 | +0.0 | +0.0 | 21.0 | 23.0 |" in table
+    assert "| `paper_x` | diverged at iteration 40 | 21.0 | – | – | -1.5 | – | 24.5 |" in table
+    assert "| `maskrcnn` | 18.0 | 17.0 | -1.0 | -2.0 | -5.5 | – | – |" in table
+    assert "## shapes: 10 iterations, seed 1, 2 threads, 4 val images" in ablation.markdown([str(tmp_path / "2")])
+
+
 def test_failed_seeds_are_summed_up_in_a_few_words(tmp_path):
     """A model that diverged on some seeds shows where, not the whole error, in the seeds table and the README's."""
     from benchmarks import readme_tables
