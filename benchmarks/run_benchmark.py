@@ -290,8 +290,9 @@ def parse_args(argv=None):
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each model's model_final.pth")
     parser.add_argument("--time-only", action="store_true",
                         help="train nothing: re-time the final weights (model_final.pth, from a run with "
-                             "--keep-checkpoints) of every --models model of --out back to back, inference (and its "
-                             "test-time variants) and --timing-iters training steps; writes timing.{json,md} with "
+                             "--keep-checkpoints) of every --models model of --out back to back, inference (and the "
+                             "--variants test-time variants; 'none': the model as configured only) and --timing-iters "
+                             "training steps; writes timing.{json,md} with "
                              "ratios to Mask R-CNN. KEY VALUE opts apply on top of each model's saved config (e.g. a "
                              "test-time setting to time on the same weights)")
     parser.add_argument("--timing-iters", type=int, default=20, help="--time-only: timed training steps per model")
@@ -505,6 +506,7 @@ def time_only(args, argv) -> int:
             continue
         spec.update(mode="time", config_file=in_this_checkout(spec["config_file"]), threads=args.threads,
                     timing_iters=args.timing_iters, flop_images=args.flop_images,
+                    test_variants={v: list(TEST_VARIANTS[v]) for v in args.variants},  # timed, whatever was trained
                     result_file=os.path.join(work_dir, "timing_result.json"),
                     opts=[*spec["opts"], *map(str, args.opts)])  # KEY VALUE pairs given now apply on top
         print(f"[bench] ({i + 1}/{len(args.models)}) {name}: timing", flush=True)

@@ -535,6 +535,12 @@ def test_time_only_retimes_saved_weights_and_the_ablation_table_reads_both(tmp_p
     assert again["train"] == saved["train"] and again["eval"]["curve"][-1]["segm"] == again["eval"]["final"]["segm"]
     assert set(again["variants"]) == {"no_voting"} and again["inference"]["s_per_image"]["median"] > 0
     assert not (out / "runs" / "mnc3" / "reevaluated" / "model_final.pth").exists()
+    # --variants none: each model as configured only, whatever variants were trained
+    proc = subprocess.run([*common, "--time-only", "--timing-iters", "1", "--variants", "none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "timing.json").read_text())["models"]["mnc3"]["variants"] == {}
+    assert "[no_voting]" not in (out / "timing.md").read_text()
 
 
 def test_seed_table_shows_ap_or_where_training_diverged(tmp_path):
