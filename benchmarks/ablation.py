@@ -20,6 +20,11 @@ if __package__ in (None, ""):
 from benchmarks.report import BASELINE, _diff, _fmt, _ratio, failure_cell  # noqa: E402
 
 
+
+def _threads(count) -> str:
+    """'1 thread', '2 threads', '? threads'."""
+    return f"{count} thread{'' if count == 1 else 's'}"
+
 def _ap(evaluation: Dict, task: str, key: str) -> Optional[float]:
     return (evaluation or {}).get(task, {}).get(key)
 
@@ -65,7 +70,7 @@ def markdown(dirs: List[str]) -> str:
             with open(os.path.join(d, "timing.json")) as f:
                 timing = json.load(f)
         meta = bench["benchmark"]
-        threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, " if meta.get("threads") else ""
+        threads = f"{_threads(meta.get('threads'))}, " if meta.get("threads") else ""
         lines += [f"## {meta['dataset']}: {meta['iters']} iterations, seed {meta['seed']}, {threads}"
                   f"{meta.get('num_val_images')} val images", "",
                   f"- AP: `{meta['command']}` (git {meta['git']}, {meta['wall_s'] / 60:.0f} min)",
@@ -117,7 +122,7 @@ def retrain_markdown(first: str, second: str, reference: str = "paper", variant:
         with open(os.path.join(d, "benchmark.json")) as f:
             benches.append(json.load(f))
     (a, b), names = [x["models"] for x in benches], list(benches[0]["models"])
-    runs = [f"{x['benchmark'].get('threads', '?')} threads" for x in benches]
+    runs = [_threads(x["benchmark"].get("threads", "?")) for x in benches]
     lines = [f"## The same models trained again: {runs[0]} (A) against {runs[1]} (B)", "",
              f"segm AP after the run, as configured and with [{variant}]; Δ {reference}: the model's segm AP "
              f"minus `{reference}`'s in the same run.", "",

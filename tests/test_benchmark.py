@@ -575,11 +575,12 @@ def test_retrain_table_shows_how_far_each_model_and_its_difference_to_paper_move
         bench = {"benchmark": dict(FAKE_META, threads=threads, wall_s=60), "models": models}
         (tmp_path / str(threads) / "benchmark.json").write_text(json.dumps(bench))
     table = ablation.retrain_markdown(str(tmp_path / "2"), str(tmp_path / "1"))
-    assert "2 threads (A) against 1 threads (B)" in table
+    assert "2 threads (A) against 1 thread (B)" in table
     assert "| `paper` | 20.0 | 22.5 | +2.5 | +0.0 | +0.0 | 21.0 | 23.0 |" in table
     assert "| `paper_x` | diverged at iteration 40 | 21.0 | – | – | -1.5 | – | 24.5 |" in table
     assert "| `maskrcnn` | 18.0 | 17.0 | -1.0 | -2.0 | -5.5 | – | – |" in table
     assert "## shapes: 10 iterations, seed 1, 2 threads, 4 val images" in ablation.markdown([str(tmp_path / "2")])
+    assert "seed 1, 1 thread, 4 val images" in ablation.markdown([str(tmp_path / "1")])
 
 
 def test_failed_seeds_are_summed_up_in_a_few_words(tmp_path):
