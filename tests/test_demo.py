@@ -173,9 +173,14 @@ def test_16_bit_images_are_read_by_the_training_rule(inputs, tmp_path):
     for path, out in zip((sixteen, eight), outs):
         assert _demo([path], out, weights).returncode == 0
     first, second = (json.loads((o / "coco_results.json").read_text()) for o in outs)
-    # the same detections; floats equal to ~1e-4 only: two processes are not bit-identical on CPU with MNC's
-    # default (seen: score 0.186400 vs 0.186406 on equal input arrays)
+    # the same detections, up to float noise: two processes are not bit-identical on CPU with MNC's default
+    # (seen: score 0.186400 vs 0.186406, and a mask differing in a few pixels at the 0.5 threshold, on equal
+    # input arrays), so masks are compared by IoU and floats to ~1e-3
+    from pycocotools import mask as mask_util
+
     assert len(first) == len(second) > 0
     for a, b in zip(first, second):
-        assert (a["category_id"], a["segmentation"]) == (b["category_id"], b["segmentation"])
+        assert a["category_id"] == b["category_id"]
+        iou = mask_util.iou([a["segmentation"]], [b["segmentation"]], [False])[0][0]
+        assert iou > 0.98, iou
         assert np.allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], rtol=1e-3, atol=1e-3)
