@@ -169,18 +169,12 @@ def test_16_bit_images_are_read_by_the_training_rule(inputs, tmp_path):
     cv2.imwrite(str(eight), normalize_to_uint8(frame))
     assert np.array_equal(read_image(str(sixteen), "BGR"), read_image(str(eight), "BGR"))
     assert read_image(str(sixteen), "BGR").std() > 20  # not flat
-    outs = [tmp_path / "o16", tmp_path / "o8"]
-    for path, out in zip((sixteen, eight), outs):
-        assert _demo([path], out, weights).returncode == 0
-    first, second = (json.loads((o / "coco_results.json").read_text()) for o in outs)
-    # the same detections, up to float noise: two processes are not bit-identical on CPU with MNC's default
-    # (seen: score 0.186400 vs 0.186406, and a mask differing in a few pixels at the 0.5 threshold, on equal
-    # input arrays), so masks are compared by IoU and floats to ~1e-3
-    from pycocotools import mask as mask_util
-
-    assert len(first) == len(second) > 0
-    for a, b in zip(first, second):
-        assert a["category_id"] == b["category_id"]
-        iou = mask_util.iou([a["segmentation"]], [b["segmentation"]], [False])[0][0]
-        assert iou > 0.98, iou
-        assert np.allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], rtol=1e-3, atol=1e-3)
+    # one demo process for both files: two processes are not bit-identical on CPU, and this untrained model's
+    # scores nearly tie (seen in CI: 0.186400 vs 0.186406, and two detections swapping places)
+    proc = _demo([sixteen, eight], tmp_path / "out", weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = json.loads((tmp_path / "out" / "image_ids.json").read_text())
+    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    first, second = ([{k: v for k, v in r.items() if k != "image_id"} for r in results if r["image_id"] == ids[str(p)]]
+                     for p in (sixteen, eight))
+    assert len(first) > 0 and first == second
