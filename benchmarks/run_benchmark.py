@@ -99,7 +99,7 @@ CASCADE_ABLATION = {
                            ("MODEL.MNC.BOX_GRADIENTS.DIFFERENTIABLE_TARGETS", "True")),
     "paper_rois256": ("paper, 256 RoIs/image", ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256")),
     "paper_convhead": ("paper, D2 conv mask head (28x28)",
-                       ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD)),
+                       ("MODEL.MNC.MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD)),
     "paper_maskconv3": ("paper, FC head + 3x3 conv", ("MODEL.MNC.MASK_HEAD.NUM_CONV", "1")),
     "paper_maskconv1": ("paper, FC head + 1x1 conv", ("MODEL.MNC.MASK_HEAD.NUM_CONV", "1",
                                                       "MODEL.MNC.MASK_HEAD.CONV_KERNEL", "1")),
@@ -109,8 +109,8 @@ CASCADE_ABLATION = {
                        ("SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "5.0")),
     "paper_finalhead": ("paper, + conv mask head on final boxes",
-                        ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD,
-                         "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True")),
+                        ("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", "True", "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", "False",
+                         *_CONV_HEAD, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True")),
 }
 MODELS.update({name: ModelSpec(label, PAPER_CONFIGS, opts) for name, (label, opts) in CASCADE_ABLATION.items()})
 # Candidates for MNC's default (issue "MNC's default beats Mask R-CNN"): today's 3- / 5-stage model with D2's
@@ -118,25 +118,26 @@ MODELS.update({name: ModelSpec(label, PAPER_CONFIGS, opts) for name, (label, opt
 _MNC_CONFIGS = MODELS["mnc3"].configs
 MODELS.update({
     "mnc3_conv": ModelSpec("MNC 3-stage, D2 conv mask head (28x28)", _MNC_CONFIGS,
-                           ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+                           ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
                             *_CONV_HEAD)),
     "mnc5_conv": ModelSpec("MNC 5-stage, D2 conv mask head (28x28)", _MNC_CONFIGS,
-                           ("MODEL.MNC.NUM_STAGES", "5", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+                           ("MODEL.MNC.NUM_STAGES", "5", "MODEL.MNC.MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
                             *_CONV_HEAD)),
     "mnc3_conv_refined": ModelSpec("MNC 3-stage, D2 conv mask head, also trained on the regressed boxes", _MNC_CONFIGS,
-                                   ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_MASK_HEAD.NAME",
+                                   ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.MASK_HEAD.NAME",
                                     "MaskRCNNConvUpsampleHead", *_CONV_HEAD, "MODEL.MNC.REFINED_MASK_LOSS", "True")),
     # the cascade on cheap 7x7 RoI features and the paper's FC mask head, D2's conv head on the final boxes only
     # (its own 14x14 RoIAlign, also trained on the regressed boxes): Mask R-CNN's mask compute on MNC's cascade
     "mnc3_fast": ModelSpec("MNC 3-stage, 7x7 cascade + conv mask head on final boxes", _MNC_CONFIGS,
                            ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
                             "MODEL.MNC.PATHWAY_POOL", "1", "MODEL.MNC.MASK_HEAD.NUM_CONV", "0",
-                            "MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", *_CONV_HEAD,
-                            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", "14", "MODEL.MNC.REFINED_MASK_LOSS", "True",
+                            "MODEL.MNC.FINAL_MASK_HEAD.ENABLED", "True", *_CONV_HEAD,
+                            "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "14", "MODEL.MNC.REFINED_MASK_LOSS", "True",
                             "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", "True", "MODEL.MNC.TEST.MASK_VOTING", "False")),
     "mnc3_finalhead": ModelSpec("MNC 3-stage, + conv mask head on final boxes", _MNC_CONFIGS,
-                                ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.FINAL_MASK_HEAD.NAME",
-                                 "MaskRCNNConvUpsampleHead", *_CONV_HEAD, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES",
+                                ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.FINAL_MASK_HEAD.ENABLED", "True",
+                                 "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", "False", *_CONV_HEAD,
+                                 "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES",
                                  "True")),
 })
 
@@ -418,10 +419,31 @@ def resolved_config(spec: Dict) -> Dict:
     return config_snapshot(build_cfg(spec["config_file"], list(spec["opts"])))
 
 
+def _upgraded_snapshot(snapshot: Dict) -> Dict:
+    """A flat snapshot (dotted keys) of config format 1 in today's format (mnc_d2.config.upgrade_config_dict)."""
+    from mnc_d2.config import upgrade_config_dict
+
+    nested: Dict = {}
+    for key, value in snapshot.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if not upgrade_config_dict(nested):
+        return snapshot
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+    return dict(flat(nested))
+
+
 def config_changes(saved: Dict, current: Dict) -> List[str]:
     """Keys whose value differs between a saved snapshot and today's; a key only one side has (added or
     removed since) is not a change of this run's model, nor is MODEL.MNC.* for another meta-architecture
     (Mask R-CNN inherits the MNC CPU config, whose MNC defaults it never reads)."""
+    saved = _upgraded_snapshot(saved)
     mnc = "MNC" in (saved.get("MODEL.META_ARCHITECTURE"), current.get("MODEL.META_ARCHITECTURE"))
     return sorted(k for k in saved.keys() & current.keys()
                   if saved[k] != current[k] and (mnc or not k.startswith("MODEL.MNC.")))

@@ -1,6 +1,74 @@
-"""Config keys of mnc_d2. ``add_mnc_config`` only ADDS keys; defaults for D2's own keys live in the yaml
-files under ``configs/`` (``Base-MNC.yaml`` sets the MNC reference values where D2's defaults differ)."""
+"""Config keys of mnc_d2. ``add_mnc_config`` only ADDS keys, and their defaults are MNC's default, the model
+measured against Mask R-CNN: a D2 Mask R-CNN config plus ``MODEL.META_ARCHITECTURE MNC`` and
+``MODEL.ROI_HEADS.NAME MNCROIHeads`` builds it. ``configs/Base-MNC.yaml`` adds only D2 keys (the authors' RoI
+sampling and proposal counts), the paper configs set every authors' value explicitly.
+
+``upgrade_config_dict`` converts a config of format 1 (mnc_d2 0.1; ``MODEL.MNC.VERSION`` absent) to today's,
+as D2's ``upgrade_config`` does for D2's own keys.
+"""
+import logging
+
 from detectron2.config import CfgNode as CN
+
+__all__ = ["add_mnc_config", "upgrade_config_dict", "CONFIG_VERSION", "FORMAT1_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+# Version of the MODEL.MNC keys. 2: ROI_MASK_HEAD is the output mask head, MNC.MASK_HEAD.NAME the stage-2 head.
+CONFIG_VERSION = 2
+# Keys of format 1 that format 2 replaced (see upgrade_config_dict), with what replaced them.
+FORMAT1_KEYS = {
+    "MODEL.MNC.FINAL_MASK_HEAD.NAME": "MODEL.MNC.FINAL_MASK_HEAD.ENABLED and MODEL.ROI_MASK_HEAD.NAME",
+    "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION": "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER and "
+                                                   "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
+}
+# Format 1's defaults where format 2's differ: a format-1 file that did not set a key meant these.
+_FORMAT1_DEFAULTS = {"PATHWAY_POOL": 2, "REFINED_MASK_LOSS": False,
+                     "TEST": {"MASK_THRESHOLD": 0.4, "MASK_VOTING": True, "MASKS_ON_FINAL_BOXES": False}}
+
+
+def _is_format1(config: dict) -> bool:
+    """A config dict (a yaml file, ``_BASE_`` merged) written for format 1: it has no MODEL.MNC.VERSION and sets
+    a format-1 key, or names the paper's head as D2's mask head (format 1's way to choose the stage-2 head)."""
+    model = config.get("MODEL") or {}
+    mnc = model.get("MNC") or {}
+    if "VERSION" in mnc:
+        return False
+    final = mnc.get("FINAL_MASK_HEAD") or {}
+    return "NAME" in final or "POOLER_RESOLUTION" in final or (model.get("ROI_MASK_HEAD") or {}).get("NAME") == "MNCMaskHead"
+
+
+def upgrade_config_dict(config: dict, source: str = "config") -> bool:
+    """In place: a format-1 config dict -> format 2; returns whether it was format 1 (else nothing changes).
+
+    Format 1 built the stage-2 head from ``ROI_MASK_HEAD.NAME`` and an optional output head from
+    ``MNC.FINAL_MASK_HEAD.NAME`` ("" = none) reading its own RoIAlign at ``FINAL_MASK_HEAD.POOLER_RESOLUTION``
+    (0 = the cascade's RoI features); keys it did not set took format 1's defaults (the authors' output path).
+    """
+    if not _is_format1(config):
+        return False
+    model = config.setdefault("MODEL", {})
+    mnc = model.setdefault("MNC", {})
+    roi_mask = model.setdefault("ROI_MASK_HEAD", {})
+    final = mnc.setdefault("FINAL_MASK_HEAD", {})
+    mnc.setdefault("MASK_HEAD", {})["NAME"] = roi_mask.get("NAME", "MaskRCNNConvUpsampleHead")  # D2's default
+    name, resolution = final.pop("NAME", ""), final.pop("POOLER_RESOLUTION", 0)
+    final["ENABLED"] = bool(name)
+    roi_mask["NAME"] = name or "MaskRCNNConvUpsampleHead"
+    if name:
+        final["OWN_POOLER"] = resolution > 0
+    if resolution > 0:
+        roi_mask["POOLER_RESOLUTION"] = resolution
+    for key, value in _FORMAT1_DEFAULTS.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                mnc.setdefault(key, {}).setdefault(sub_key, sub_value)
+        else:
+            mnc.setdefault(key, value)
+    mnc["VERSION"] = CONFIG_VERSION
+    logger.info(f"{source}: upgraded MODEL.MNC from config format 1 to {CONFIG_VERSION} (stage-2 head "
+                f"{mnc['MASK_HEAD']['NAME']}, output mask head {name or 'none'})")
+    return True
 
 
 def add_mnc_config(cfg):
@@ -9,6 +77,8 @@ def add_mnc_config(cfg):
         return cfg
     _C = cfg
     _C.MODEL.MNC = CN()
+    # Format of the MODEL.MNC keys (a config without it is upgraded from format 1: upgrade_config_dict).
+    _C.MODEL.MNC.VERSION = CONFIG_VERSION
     # Number of cascade stages: 3 (RPN -> masks -> classes) or 5 (+ stages 4/5 on the boxes refined
     # by stage 3, sharing the weights of stages 2/3).
     _C.MODEL.MNC.NUM_STAGES = 3
@@ -27,15 +97,17 @@ def add_mnc_config(cfg):
     # segment pathway sees RoI features multiplied by the stage-2 soft mask. Set False for an ablation
     # that drops the segment pathway (box pathway only).
     _C.MODEL.MNC.SEGMENT_PATHWAY = True
-    # Max-pool kernel applied to the (masked) RoI features before the stage-3 FCs: the reference pools
-    # its 14x14 RoI features 2x2 before fc6 / fc6_mask (the mask head keeps 14x14). 1 = no pooling.
-    _C.MODEL.MNC.PATHWAY_POOL = 2
+    # Max-pool kernel applied to the (masked) RoI features before the stage-3 FCs: the authors pool their
+    # 14x14 RoI features 2x2 before fc6 / fc6_mask (paper configs: 2). 1 = no pooling, for D2's 7x7 features.
+    _C.MODEL.MNC.PATHWAY_POOL = 1
     # Stage-4/5 RoIs (refined boxes) with a side shorter than this many pixels are dropped in training.
     _C.MODEL.MNC.REFINED_MIN_SIZE = 1.0
 
-    # Stage 2: the class-agnostic mask head (MODEL.ROI_MASK_HEAD.NAME chooses it; "MNCMaskHead" is
-    # the paper's FC head, "MaskRCNNConvUpsampleHead" with CLS_AGNOSTIC_MASK=True also works).
+    # Stage 2: the class-agnostic mask head on the cascade's RoIs (all of them: 200-1000 per test image).
     _C.MODEL.MNC.MASK_HEAD = CN()
+    # Registered mask-head name. "MNCMaskHead" is the paper's FC head (the keys below); a D2 head such as
+    # "MaskRCNNConvUpsampleHead" is built from MODEL.ROI_MASK_HEAD's NUM_CONV / CONV_DIM / NORM, class-agnostic.
+    _C.MODEL.MNC.MASK_HEAD.NAME = "MNCMaskHead"
     # MNCMaskHead: number of 3x3 convs (each CONV_DIM channels) before the FC layers (0 = paper).
     _C.MODEL.MNC.MASK_HEAD.NUM_CONV = 0
     # MNCMaskHead: channels of those convs.
@@ -48,26 +120,25 @@ def add_mnc_config(cfg):
     # MNCMaskHead: side of the predicted mask, M (the reference uses 21).
     _C.MODEL.MNC.MASK_HEAD.MASK_SIZE = 21
 
-    # An optional second, class-agnostic mask head that predicts the OUTPUT masks on the final boxes
-    # (needs TEST.MASKS_ON_FINAL_BOXES), while the stage-2 head serves the cascade's RoIs: a cheap head
-    # for the 300 RoIs, a strong one for the <= 100 detections (how Mask R-CNN spends its mask compute).
-    # It trains on stage 2's foreground RoIs with its own loss (loss_mask_final).
+    # The output mask head: Detectron2's mask head MODEL.ROI_MASK_HEAD (NAME, NUM_CONV, CONV_DIM, NORM, and its
+    # own RoIAlign at POOLER_RESOLUTION / POOLER_TYPE / POOLER_SAMPLING_RATIO), class-agnostic, predicts the
+    # output masks on the final boxes (needs TEST.MASKS_ON_FINAL_BOXES): a cheap head for the cascade's RoIs,
+    # a strong one for the <= 100 detections, as Mask R-CNN spends its mask compute. It trains on stage 2's
+    # foreground RoIs with its own loss (loss_mask_final).
     _C.MODEL.MNC.FINAL_MASK_HEAD = CN()
-    # Registered mask-head name, e.g. "MaskRCNNConvUpsampleHead" (built from MODEL.ROI_MASK_HEAD's
-    # NUM_CONV / CONV_DIM / NORM, class-agnostic, 28x28); "" = none (the stage-2 head predicts them).
-    _C.MODEL.MNC.FINAL_MASK_HEAD.NAME = ""
+    # False: no output head; the stage-2 head's masks are the output masks (the authors' path, paper configs).
+    _C.MODEL.MNC.FINAL_MASK_HEAD.ENABLED = True
     # Weight of loss_mask_final (Mask R-CNN's mask loss weight is 1).
     _C.MODEL.MNC.FINAL_MASK_HEAD.LOSS_WEIGHT = 1.0
-    # 0: the final head reads the cascade's RoI features (ROI_BOX_HEAD.POOLER_RESOLUTION). > 0: its own RoIAlign
-    # at this side (type and sampling of MODEL.ROI_MASK_HEAD), e.g. 14 as Mask R-CNN's mask head, so that the
-    # cascade's 300 RoIs can use a cheaper, smaller pooler.
-    _C.MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION = 0
+    # True: its own RoIAlign at MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION, as Mask R-CNN's mask head. False: it
+    # reads the cascade's RoI features (ROI_BOX_HEAD.POOLER_RESOLUTION; an ablation).
+    _C.MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER = True
     # Train the output mask head (the final head if there is one, else the stage-2 head) also on the
     # foreground boxes as stage 3 regressed them (labelled at REFINED_FG_IOU, detached): the frame in which
     # TEST.MASKS_ON_FINAL_BOXES predicts the output masks. Its loss, loss_mask_refined, has that head's weight
     # (FINAL_MASK_HEAD.LOSS_WEIGHT or MASK_LOSS_WEIGHT). Five stages do this with stage 4; this is the
-    # three-stage model's way, without a stage 5.
-    _C.MODEL.MNC.REFINED_MASK_LOSS = False
+    # three-stage model's way, without a stage 5. The paper configs: False.
+    _C.MODEL.MNC.REFINED_MASK_LOSS = True
 
     # The authors' gating: stage 3 sends gradient into the mask head (through the soft mask) only via
     # RoIs with a positive segment label (see SEGMENT_CLASSIFIER.MASK_IOU); False = via every RoI.
@@ -106,17 +177,18 @@ def add_mnc_config(cfg):
 
     # Inference.
     _C.MODEL.MNC.TEST = CN()
-    # Output soft masks are binarised at this value: the authors' 0.4 for their FC head; Base-MNC.yaml sets
-    # Mask R-CNN's 0.5 for D2's conv head, which predicts the default's output masks.
-    _C.MODEL.MNC.TEST.MASK_THRESHOLD = 0.4
+    # Output soft masks are binarised at this value: Mask R-CNN's 0.5 for D2's conv head, which predicts the
+    # default's output masks; the authors' 0.4 for their FC head (paper configs).
+    _C.MODEL.MNC.TEST.MASK_THRESHOLD = 0.5
     # Mask voting: each kept instance's mask becomes the score-weighted mean of the masks of all
     # same-class candidates whose box IoU with it is >= VOTING_IOU; its box is the voted mask's tight box.
-    _C.MODEL.MNC.TEST.MASK_VOTING = True
+    # Voting needs every candidate's mask, i.e. the stage-2 head's: on in the paper configs.
+    _C.MODEL.MNC.TEST.MASK_VOTING = False
     # Box IoU for a candidate to take part in a kept instance's vote.
     _C.MODEL.MNC.TEST.VOTING_IOU = 0.5
     # Predict each kept detection's output mask once more, on its final (regressed) box, before voting or
     # pasting (Mask R-CNN's frame); False = the mask predicted on its proposal (the paper's three stages).
-    _C.MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES = False
+    _C.MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES = True
 
     # The paper's metric, mAP^r (datasets with evaluator_type "mapr", e.g. sbd_2012_val).
     _C.TEST.MAPR = CN()

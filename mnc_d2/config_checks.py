@@ -14,7 +14,7 @@ from yacs.config import _check_and_coerce_cfg_value_type
 
 from detectron2.config import CfgNode, get_cfg
 
-from .config import add_mnc_config
+from .config import FORMAT1_KEYS, add_mnc_config, upgrade_config_dict
 from .errors import ConfigError
 
 __all__ = ["build_cfg"]
@@ -83,11 +83,17 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
         if data.get("VERSION", cfg.VERSION) != cfg.VERSION:
             break  # an old-version config: D2 upgrades its keys while merging
         for key, value in _leaf_items(data):
+            if key in FORMAT1_KEYS:
+                continue  # upgraded below
             reason = _check_key(cfg, key, value)
             if reason:
                 via = f" (loaded from {config_file})" if path != config_file else ""
                 raise ConfigError(f"Config file {path}{via}: {reason}")
-    cfg.merge_from_file(config_file)
+    merged = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
+    if merged.get("VERSION", cfg.VERSION) == cfg.VERSION and upgrade_config_dict(merged, config_file):
+        cfg.merge_from_other_cfg(CfgNode(merged))  # what D2's merge_from_file does for a current-version file
+    else:
+        cfg.merge_from_file(config_file)
 
 
 def _merge_opts(cfg: CfgNode, opts) -> None:
@@ -97,7 +103,8 @@ def _merge_opts(cfg: CfgNode, opts) -> None:
     if len(opts) % 2:
         raise ConfigError(f"Command-line config options must come in KEY VALUE pairs; got an odd list: {opts}")
     for key, value in zip(opts[0::2], opts[1::2]):
-        reason = _check_key(cfg, key, value)
+        reason = (f"a key of config format 1, replaced by {FORMAT1_KEYS[key]} (CHANGELOG.md)"
+                  if key in FORMAT1_KEYS else _check_key(cfg, key, value))
         if reason:
             raise ConfigError(f"Command-line option {key} {value}: {reason}")
     cfg.merge_from_list(opts)
@@ -112,9 +119,12 @@ def _check_values(cfg) -> None:
         "MODEL.MNC.NUM_STAGES": (mnc.NUM_STAGES not in (3, 5), "must be 3 or 5"),
         "MODEL.MNC.MASK_HEAD.CONV_KERNEL": (mnc.MASK_HEAD.CONV_KERNEL not in (1, 3, 5, 7), "must be 1, 3, 5 or 7"),
         "MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP": (mnc.BOX_GRADIENTS.DELTA_CLIP < 0, "must be >= 0 (0 = off)"),
-        "MODEL.MNC.FINAL_MASK_HEAD.NAME": (bool(mnc.FINAL_MASK_HEAD.NAME) and not mnc.TEST.MASKS_ON_FINAL_BOXES,
-                                           "needs MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True (it predicts the masks "
-                                           "on the final boxes)"),
+        "MODEL.MNC.FINAL_MASK_HEAD.ENABLED": (mnc.FINAL_MASK_HEAD.ENABLED and not mnc.TEST.MASKS_ON_FINAL_BOXES,
+                                              "needs MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True (the output mask head "
+                                              "predicts the masks on the final boxes)"),
+        "MODEL.MASK_ON": (cfg.MODEL.META_ARCHITECTURE == "MNC" and not cfg.MODEL.MASK_ON,
+                          "must be True for MNC, which trains masks in stage 2 (D2's Faster R-CNN configs set False; "
+                          "without it the data loader drops the masks)"),
     }
     for key, (bad, rule) in problems.items():
         if bad:

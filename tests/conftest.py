@@ -65,11 +65,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-# The cascade's own output path, as the CPU config was before MNC's default (configs/Base-MNC.yaml) added a
-# final mask head on 7x7 cascade features: the stage-2 head (one 3x3 conv) predicts the output masks, merged
-# by voting. The unit tests of the cascade's mechanics (and its reference-equivalence test) run on it.
+# The cascade's own output path (the authors'), without MNC's output mask head on the final boxes: the stage-2
+# head (one 3x3 conv) predicts the output masks, merged by voting. The unit tests of the cascade's mechanics (and
+# its reference-equivalence test) run on it.
 CASCADE_OUTPUT_OPTS = (
-    "MODEL.MNC.FINAL_MASK_HEAD.NAME", "", "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 0,
+    "MODEL.MNC.FINAL_MASK_HEAD.ENABLED", False,
     "MODEL.MNC.REFINED_MASK_LOSS", False, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", False,
     "MODEL.MNC.TEST.MASK_VOTING", True, "MODEL.MNC.PATHWAY_POOL", 2, "MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3,
     "MODEL.MNC.MASK_HEAD.NUM_CONV", 1, "MODEL.MNC.TEST.MASK_THRESHOLD", 0.4,

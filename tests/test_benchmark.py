@@ -69,15 +69,16 @@ def test_model_configs_are_what_they_claim():
     # final boxes, masks not voted, D2's NMS
     mnc = mnc3.MODEL.MNC
     assert (mnc3.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, mnc.PATHWAY_POOL, mnc.MASK_HEAD.NUM_CONV) == (7, 1, 0)
-    assert (mnc.FINAL_MASK_HEAD.NAME, mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION, mnc.REFINED_MASK_LOSS) == (
-        "MaskRCNNConvUpsampleHead", mask.POOLER_RESOLUTION, True)
+    assert (mnc.MASK_HEAD.NAME, mnc.FINAL_MASK_HEAD.ENABLED, mnc.FINAL_MASK_HEAD.OWN_POOLER, mnc.REFINED_MASK_LOSS) == (
+        "MNCMaskHead", True, True, True)
+    assert (mnc3.MODEL.ROI_MASK_HEAD.NAME, mnc3.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION) == (mask.NAME, mask.POOLER_RESOLUTION)
     assert (mnc3.MODEL.ROI_MASK_HEAD.NUM_CONV, mnc3.MODEL.ROI_MASK_HEAD.CONV_DIM) == (mask.NUM_CONV, mask.CONV_DIM)
     assert (mnc.TEST.MASKS_ON_FINAL_BOXES, mnc.TEST.MASK_VOTING, mnc3.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (
         True, False, roi.NMS_THRESH_TEST)
     paper = _cfg("paper")  # the authors' values, pinned back in the paper config
     assert (paper.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, paper.MODEL.MNC.PATHWAY_POOL,
-            paper.MODEL.MNC.FINAL_MASK_HEAD.NAME, paper.MODEL.MNC.TEST.MASK_VOTING,
-            paper.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (14, 2, "", True, 0.3)
+            paper.MODEL.MNC.FINAL_MASK_HEAD.ENABLED, paper.MODEL.MNC.TEST.MASK_VOTING,
+            paper.MODEL.ROI_HEADS.NMS_THRESH_TEST) == (14, 2, False, True, 0.3)
     hela = _cfg("maskrcnn", "hela")
     assert hela.MODEL.ROI_HEADS.NUM_CLASSES == 1 and hela.DATASETS.TEST == ("hela_nuclei_val",)
 
@@ -413,7 +414,7 @@ def test_resume_retrains_a_run_whose_resolved_config_changed(tmp_path, capsys):
         json.dump(spec, f)
     snapshot = run_benchmark.resolved_config(spec)
     assert snapshot["SOLVER.MAX_ITER"] == 7 and "OUTPUT_DIR" not in snapshot
-    assert snapshot["MODEL.MNC.FINAL_MASK_HEAD.NAME"] == "MaskRCNNConvUpsampleHead"  # MNC's default
+    assert snapshot["MODEL.MNC.FINAL_MASK_HEAD.ENABLED"] is True  # MNC's default
     ok = _fake_result("mnc3", 1.0, 0.2, 100, 20.0)
     cases = (
         (snapshot, True),  # unchanged
@@ -439,6 +440,20 @@ def test_resume_retrains_a_run_whose_resolved_config_changed(tmp_path, capsys):
     assert run_benchmark.config_changes(mask_rcnn, dict(mask_rcnn, SEED=2)) == ["SEED"]
 
 
+def _format2_opts(opts):
+    """Command-line options of config format 1 in format 2 (the mask-head keys some ablation variants set)."""
+    out = []
+    for key, value in zip(opts[0::2], opts[1::2]):
+        out += {"MODEL.ROI_MASK_HEAD.NAME": ["MODEL.MNC.MASK_HEAD.NAME", value],
+                "MODEL.MNC.FINAL_MASK_HEAD.NAME": ["MODEL.MNC.FINAL_MASK_HEAD.ENABLED", str(bool(value)),
+                                                   "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", "False",
+                                                   "MODEL.ROI_MASK_HEAD.NAME", value],
+                "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION": ["MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", str(value != "0"),
+                                                                "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", value],
+                }.get(key, [key, value])
+    return out
+
+
 def test_committed_ablation_runs_still_resolve_to_the_config_they_were_trained_with():
     """MNC's default changed after the ablation was trained (Base-MNC.yaml); the paper config pins the
     reference values back, so every committed ablation run still matches its config and --resume reuses it."""
@@ -453,6 +468,7 @@ def test_committed_ablation_runs_still_resolve_to_the_config_they_were_trained_w
         with open(os.path.join(os.path.dirname(path), "spec.json")) as f:
             spec = json.load(f)
         spec["config_file"] = os.path.join(REPO, "configs", spec["config_file"].split("/configs/", 1)[1])
+        spec["opts"] = _format2_opts(spec["opts"])
         assert run_benchmark.config_changes(result["config"], run_benchmark.resolved_config(spec)) == [], path
         checked += 1
     assert checked >= 20
@@ -643,3 +659,17 @@ def test_readme_compact_table_with_quiet_timing_ratios(tmp_path):
     assert row[6] == f"{expected:.2f}" and "old" not in block and "--time-only" in block
     summary = json.load(open(folder / "benchmark.json"))["models"]["mnc3"]
     assert row[2] == f"{summary['mean']['segm_AP']:.1f} ± {summary['std']['segm_AP']:.1f}"
+
+
+def test_resume_reads_a_format1_snapshot_as_todays_config(tmp_path):
+    """Runs trained under config format 1 (ROI_MASK_HEAD.NAME = the stage-2 head) are not retrained for the rename."""
+    args = run_benchmark.parse_args(["--out", str(tmp_path), "--iters", "7"])
+    current = run_benchmark.resolved_config(run_benchmark.model_spec("mnc3", args, str(tmp_path / "mnc3")))
+    old = {k: v for k, v in current.items() if k not in (
+        "MODEL.MNC.VERSION", "MODEL.MNC.MASK_HEAD.NAME", "MODEL.MNC.FINAL_MASK_HEAD.ENABLED",
+        "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER")}
+    old.update({"MODEL.ROI_MASK_HEAD.NAME": "MNCMaskHead", "MODEL.MNC.FINAL_MASK_HEAD.NAME": "MaskRCNNConvUpsampleHead",
+                "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION": 14})
+    assert run_benchmark.config_changes(old, current) == []
+    assert run_benchmark.config_changes(dict(old, **{"MODEL.MNC.FINAL_MASK_HEAD.NAME": ""}), current) == [
+        "MODEL.MNC.FINAL_MASK_HEAD.ENABLED"]

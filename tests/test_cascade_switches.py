@@ -113,7 +113,8 @@ def test_masks_on_final_boxes_are_predicted_on_the_regressed_boxes():
 
 
 def test_final_mask_head_trains_and_predicts_its_own_mask_size():
-    opts = ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 2,
+    opts = ("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", True, "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", False,
+            "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 2,
             "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True)
     model, losses = train_losses(*opts)
     assert model.roi_heads.final_mask_head.predictor.out_channels == 1
@@ -154,7 +155,8 @@ def test_refined_mask_loss_trains_the_output_head_on_the_regressed_boxes(monkeyp
     for final_head in (False, True):
         opts = ("MODEL.MNC.REFINED_MASK_LOSS", True, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32)
         if final_head:
-            opts += ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+            opts += ("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", True, "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", False,
+                     "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
                      "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True)
         model, losses = train_losses(*opts)
         assert torch.isfinite(losses["loss_mask_refined"]) and losses["loss_mask_refined"] > 0
@@ -171,12 +173,13 @@ def test_refined_mask_loss_trains_the_output_head_on_the_regressed_boxes(monkeyp
 
 
 def test_final_mask_head_with_its_own_pooler():
-    """FINAL_MASK_HEAD.POOLER_RESOLUTION: the cascade pools 7x7 for its RoIs, the final head 14x14 (-> 28x28
+    """FINAL_MASK_HEAD.OWN_POOLER: the cascade pools 7x7 for its RoIs, the final head 14x14 (-> 28x28
     masks), in training (loss_mask_final, loss_mask_refined) and at test time."""
-    opts = ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+    opts = ("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", True, "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+            "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
             "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True,
             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.PATHWAY_POOL", 1,
-            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14, "MODEL.MNC.REFINED_MASK_LOSS", True)
+            "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", True, "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14, "MODEL.MNC.REFINED_MASK_LOSS", True)
     model, losses = train_losses(*opts)
     heads = model.roi_heads
     assert heads.roi_pooler.output_size == (7, 7) and heads.final_pooler.output_size == (14, 14)

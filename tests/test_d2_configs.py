@@ -7,6 +7,10 @@ Random weights: the last norm of every residual branch is zeroed ("zero-init res
 randomly initialised deep ResNet gives finite features and hence detections.
 """
 import argparse
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +22,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import mnc_d2
-from conftest import make_targets
+from detectron2.config import LazyConfig, instantiate
+
+from conftest import REPO, make_targets
+from mnc_d2.config_checks import build_cfg
 from mnc_d2.engine import setup_cfg
 from mnc_d2.modeling import MNC, MNCROIHeads
 
@@ -132,6 +139,135 @@ def test_faster_rcnn_config_needs_mask_on():
     cfg = switched_cfg("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
     with pytest.raises(ValueError, match="MASK_ON"):
         build_model(cfg)
+
+
+# ---- the two keys build MNC's default (configs/Base-MNC.yaml), differing only in these D2 keys
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value})
+    return out
+
+
+# D2 keys where Base-MNC.yaml keeps the authors' recipe (D2's zoo file -> ours); the MODEL.MNC.* keys are all equal
+RECIPE_DIFFERENCES = {
+    "ROI_HEADS.BATCH_SIZE_PER_IMAGE": (512, 64), "ROI_HEADS.POSITIVE_FRACTION": (0.25, 0.3),
+    "ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": (0, 2), "PROPOSAL_GENERATOR.NAME": ("RPN", "MNCRPN"),
+    "PROPOSAL_GENERATOR.MIN_SIZE": (0, 16), "RPN.POST_NMS_TOPK_TRAIN": (1000, 300), "RPN.POST_NMS_TOPK_TEST": (1000, 300),
+}
+C4_DIFFERENCES = {
+    **RECIPE_DIFFERENCES, "RPN.POST_NMS_TOPK_TRAIN": (2000, 300),
+    # D2's C4 has no box head (Res5ROIHeads): MNC builds ours, on 7x7 RoI features (the expected warning below)
+    "ROI_BOX_HEAD.NAME": ("", "FastRCNNConvFCHead"), "ROI_BOX_HEAD.NUM_CONV": (0, 1), "ROI_BOX_HEAD.NUM_FC": (0, 2),
+    "ROI_BOX_HEAD.POOLER_RESOLUTION": (14, 7), "FPN.IN_FEATURES": ([], ["res2", "res3", "res4", "res5"]),
+    "ROI_MASK_HEAD.NUM_CONV": (0, 4),  # the output head: D2's C4 head has no convs (res5 comes before it)
+}
+C4_WARNINGS = ["MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?)"]
+
+
+class _Records(logging.Handler):
+    """WARNING-and-above records of mnc_d2's and D2's loggers (which may not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        for name in ("mnc_d2", "detectron2"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("mnc_d2", "detectron2"):
+            logging.getLogger(name).removeHandler(self)
+
+
+def _roi_heads_signature(model):
+    """Module classes and tensor shapes of the ROI heads: what "the same model" means before training."""
+    heads = model.roi_heads
+    return ({name: type(m).__name__ for name, m in heads.named_modules()},
+            {k: tuple(v.shape) for k, v in heads.state_dict().items()})
+
+
+@pytest.mark.parametrize("zoo_name, ours, differences, warnings", [
+    (R50_FPN, "configs/Base-MNC.yaml", RECIPE_DIFFERENCES, []),
+    (R50_C4, "configs/mnc_R_50_C4_1x.yaml", C4_DIFFERENCES, C4_WARNINGS),
+], ids=["R50-FPN", "R50-C4"])
+def test_two_keys_build_mncs_default(zoo_name, ours, differences, warnings):
+    """D2's zoo file + the two keys = our config, but for the listed D2 keys: every MODEL.MNC.* setting, the ROI
+    heads' classes and tensor shapes (with the listed keys set as ours), and the warnings logged."""
+    switched = build_cfg(model_zoo.get_config_file(zoo_name), SWITCH_OPTS + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    mnc_default = build_cfg(os.path.join(REPO, ours), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    a, b = _flat(switched.MODEL), _flat(mnc_default.MODEL)
+    assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == differences
+    assert switched.MODEL.MNC == mnc_default.MODEL.MNC
+    aligned = build_cfg(model_zoo.get_config_file(zoo_name), SWITCH_OPTS + [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.ROI_MASK_HEAD.NUM_CONV", str(mnc_default.MODEL.ROI_MASK_HEAD.NUM_CONV)])
+    with _Records() as records:
+        model = build_model(aligned)
+    assert [m for m in records.messages if not any(m.startswith(w) for w in warnings)] == []
+    assert len(records.messages) == len(warnings)
+    assert _roi_heads_signature(model) == _roi_heads_signature(build_model(mnc_default))
+
+
+def test_two_keys_train_and_infer_without_warning():
+    """The switched R50-FPN (D2's 512 RoIs and 1000 proposals kept; small images) trains two steps and infers,
+    and nothing logs a warning; the per-class mask setting is reported once, at INFO."""
+    cfg = switched_cfg(R50_FPN, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 512, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 1000,
+                       "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000, "MODEL.RPN.POST_NMS_TOPK_TEST", 1000,
+                       "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000)
+    with _Records() as records:
+        model = build_switched(cfg)
+        assert model.roi_heads.final_mask_head is not None and model.roi_heads.masks_on_final_boxes
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            check_train_step(model)
+            optimizer.step()
+            optimizer.zero_grad()
+        check_inference(model, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    assert records.messages == []
+
+
+def test_lazy_config_switch_builds_the_same_roi_heads():
+    """configs/lazy/common/models/mnc_from_d2_mask_rcnn_fpn.py: D2's LazyConfig Mask R-CNN switched to MNC builds
+    the ROI heads of configs/Base-MNC.yaml (ResNet-50-FPN)."""
+    lazy = LazyConfig.load(os.path.join(REPO, "configs", "lazy", "common", "models", "mnc_from_d2_mask_rcnn_fpn.py"))
+    model = instantiate(lazy.model)
+    assert isinstance(model, MNC) and (model.mask_voting, model.mask_threshold) == (False, 0.5)
+    yacs = build_model(build_cfg(os.path.join(REPO, "configs", "Base-MNC.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]))
+    assert _roi_heads_signature(model) == _roi_heads_signature(yacs)
+
+
+@pytest.mark.slow
+def test_faster_rcnn_config_with_two_keys_is_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
+         model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"), *SWITCH_OPTS,
+         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    assert errors == [errors[0]] and "MODEL.MASK_ON must be True for MNC" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_forward_with_given_boxes_uses_the_output_head():
+    """Masks for given boxes are those inference gives for the same boxes: the output head's, on those boxes."""
+    model = build_switched(switched_cfg(R50_FPN))
+    model.eval()
+    inputs = [{k: v for k, v in x.items() if k not in ("instances", "height", "width")} for x in make_inputs()]
+    with torch.no_grad():
+        detected = [out["instances"] for out in model(inputs)]
+        given = [Instances(d.image_size, pred_boxes=d.pred_boxes, pred_classes=d.pred_classes, scores=d.scores)
+                 for d in detected]
+        again = [out["instances"] for out in model.inference(inputs, detected_instances=given)]
+    assert sum(len(d) for d in detected) > 0
+    for d, a in zip(detected, again):
+        assert a.pred_masks.shape == d.pred_masks.shape
+        assert torch.equal(a.pred_masks, d.pred_masks)
 
 
 def test_short_yaml_through_setup_cfg(tmp_path):

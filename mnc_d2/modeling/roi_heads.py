@@ -55,17 +55,42 @@ def rename_legacy_pathway_keys(state_dict: Dict[str, object], prefix: str) -> No
 
 
 def _pathway_head_cfg(cfg):
-    """Config of the stage-3 pathway heads. D2's C4 configs have no box head (Res5ROIHeads runs res5
-    instead): MNC then builds the head of configs/mnc_R_50_C4_1x.yaml (conv 256 + 2 FC) and says so."""
+    """Config of the stage-3 pathway heads and the cascade's RoI features. D2's C4 configs have no box head
+    (Res5ROIHeads runs res5 on 14x14 RoI features instead): MNC then reads 7x7 RoI features of res4 and builds
+    the head of configs/mnc_R_50_C4_1x.yaml (conv 256 + 2 FC), and says so."""
     if cfg.MODEL.ROI_BOX_HEAD.NAME:
         return cfg
-    logger.warning("MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?): MNC's stage-3 pathways use "
-                   "FastRCNNConvFCHead with NUM_CONV 1, CONV_DIM 256, NUM_FC 2, FC_DIM 1024")
+    logger.warning("MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?): MNC's stages 2 and 3 read 7x7 RoI features "
+                   "and its stage-3 pathways are FastRCNNConvFCHead with NUM_CONV 1, CONV_DIM 256, NUM_FC 2, FC_DIM 1024 "
+                   "(configs/mnc_R_50_C4_1x.yaml)")
     box_cfg = cfg.clone()
     box_cfg.defrost()
     head = box_cfg.MODEL.ROI_BOX_HEAD
     head.NAME, head.NUM_CONV, head.CONV_DIM, head.NUM_FC, head.FC_DIM = "FastRCNNConvFCHead", 1, 256, 2, 1024
+    head.POOLER_RESOLUTION = 7
     return box_cfg
+
+
+_logged_class_agnostic = False
+
+
+def _log_class_agnostic(cfg) -> None:
+    """Say once per process that a D2 config's per-class mask setting is read as class-agnostic."""
+    global _logged_class_agnostic
+    if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK and not _logged_class_agnostic:
+        _logged_class_agnostic = True
+        logger.info("MNC's masks are class-agnostic (one mask per RoI, scored by stage 3): its mask heads are built "
+                    "with MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True, whatever the config says (False here)")
+
+
+def _build_class_agnostic_mask_head(cfg, name: str, input_shape: ShapeSpec) -> nn.Module:
+    """The registered mask head ``name``, built from ``cfg`` (MNCMaskHead: MODEL.MNC.MASK_HEAD; D2's heads:
+    MODEL.ROI_MASK_HEAD's NUM_CONV / CONV_DIM / NORM), predicting one class-agnostic mask per RoI."""
+    head_cfg = cfg.clone()
+    head_cfg.defrost()
+    head_cfg.MODEL.ROI_MASK_HEAD.NAME = name
+    head_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+    return build_mask_head(head_cfg, input_shape)
 
 
 def _per_image(tensor: torch.Tensor, counts: List[int]) -> List[torch.Tensor]:
@@ -137,7 +162,7 @@ class MNCROIHeads(ROIHeads):
         if num_stages not in (3, 5):
             raise ValueError(f"MODEL.MNC.NUM_STAGES must be 3 or 5, got {num_stages}")
         if final_mask_head is not None and not masks_on_final_boxes:
-            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD.NAME predicts the masks on the final boxes: it needs "
+            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD predicts the masks on the final boxes: it needs "
                              "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True")
         self.in_features = in_features
         self.roi_pooler = roi_pooler
@@ -183,7 +208,8 @@ class MNCROIHeads(ROIHeads):
         ret = super().from_config(cfg)
         mnc = cfg.MODEL.MNC
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        box_cfg = _pathway_head_cfg(cfg)
+        resolution = box_cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         scales = tuple(1.0 / input_shape[k].stride for k in in_features)
         channels = {input_shape[f].channels for f in in_features}
         if len(channels) != 1:
@@ -210,33 +236,18 @@ class MNCROIHeads(ROIHeads):
             pool = 1
         pathway_shape = ShapeSpec(channels=in_channels, height=resolution // pool, width=resolution // pool)
 
-        mask_cfg = cfg
-        if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK and cfg.MODEL.ROI_MASK_HEAD.NAME != "MNCMaskHead":
-            # e.g. a D2 Mask R-CNN config switched to MNC: stage 2 predicts ONE mask per RoI
-            logger.warning(f"MNC's stage 2 is class-agnostic: building {cfg.MODEL.ROI_MASK_HEAD.NAME} with "
-                           "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK=True")
-            mask_cfg = cfg.clone()
-            mask_cfg.defrost()
-            mask_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
-        mask_head = build_mask_head(mask_cfg, roi_shape)
+        _log_class_agnostic(cfg)
+        mask_head = _build_class_agnostic_mask_head(cfg, mnc.MASK_HEAD.NAME, roi_shape)  # stage 2
         final_mask_head = None
-        if mnc.FINAL_MASK_HEAD.NAME:
-            final_cfg = cfg.clone()
-            final_cfg.defrost()
-            final_cfg.MODEL.ROI_MASK_HEAD.NAME = mnc.FINAL_MASK_HEAD.NAME
-            final_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+        if mnc.FINAL_MASK_HEAD.ENABLED:  # D2's mask head (MODEL.ROI_MASK_HEAD) on the final boxes
             final_shape = roi_shape
-            if mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION > 0:  # its own RoI features, as Mask R-CNN's mask head
-                final_res = mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION
+            if mnc.FINAL_MASK_HEAD.OWN_POOLER:  # its own RoI features, as Mask R-CNN's mask head
+                final_res = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
                 ret["final_pooler"] = ROIPooler(output_size=final_res, scales=scales,
-                                                        sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
-                                                        pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE)
+                                                sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
+                                                pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE)
                 final_shape = ShapeSpec(channels=in_channels, height=final_res, width=final_res)
-            final_mask_head = build_mask_head(final_cfg, final_shape)
-        elif mnc.FINAL_MASK_HEAD.POOLER_RESOLUTION > 0:
-            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION is the final mask head's: it needs "
-                             "MODEL.MNC.FINAL_MASK_HEAD.NAME")
-        box_cfg = _pathway_head_cfg(cfg)
+            final_mask_head = _build_class_agnostic_mask_head(cfg, cfg.MODEL.ROI_MASK_HEAD.NAME, final_shape)
         box_pathway = build_box_head(box_cfg, pathway_shape)
         segment_pathway = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
         predictor_channels = box_pathway.output_shape.channels + (
@@ -589,9 +600,12 @@ class MNCROIHeads(ROIHeads):
         return candidates
 
     def forward_with_given_boxes(self, features: Dict[str, torch.Tensor], instances: List[Instances]) -> List[Instances]:
-        """Masks for given detections (``pred_boxes``, ``pred_classes``; ``scores`` optional)."""
+        """Masks for given detections (``pred_boxes``, ``pred_classes``; ``scores`` optional), predicted as
+        inference predicts the kept detections' masks: by the output mask head (the final head if there is one,
+        else the stage-2 head) on these boxes."""
         features = [features[f] for f in self.in_features]
-        mask_logits = self._mask_logits(self._roi_features(features, [x.pred_boxes for x in instances]))
+        boxes = [x.pred_boxes for x in instances]
+        mask_logits = self._mask_logits(self._output_mask_features(features, boxes), self.final_mask_head)
         out = []
         for inst, logits in zip(instances, mask_logits.split([len(x) for x in instances])):
             inst = Instances(inst.image_size, **inst.get_fields())
