@@ -104,7 +104,7 @@ def add_segment_pathway_from_box_head(model: nn.Module, state_dict: Dict[str, to
 
 def add_final_mask_head_from_mask_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
     """Add ``roi_heads.final_mask_head.X`` = checkpoint ``roi_heads.mask_head.X`` (in place) when the model has
-    a final mask head (``MODEL.MNC.FINAL_MASK_HEAD``) and the checkpoint none: a D2 Mask R-CNN's conv mask
+    a final mask head (``MODEL.MNC.FINAL_MASK_HEAD.ENABLED``) and the checkpoint none: a D2 Mask R-CNN's conv mask
     head is the final head's architecture. Returns {model name: checkpoint name} of the added entries."""
     return _copy_part(model, state_dict, FINAL_MASK_PREFIX, MASK_HEAD_PREFIX)
 
@@ -128,9 +128,9 @@ def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: 
             and checkpoint_shape[0] > 1:
         return f"MNC's output masks are class-agnostic (1 mask), the checkpoint's {checkpoint_shape[0]} class masks"
     if name.startswith(FINAL_MASK_PREFIX):
-        return "other final mask head (MODEL.MNC.FINAL_MASK_HEAD.NAME, MODEL.ROI_MASK_HEAD.NUM_CONV / CONV_DIM)"
+        return "other output mask head (MODEL.ROI_MASK_HEAD.NAME / NUM_CONV / CONV_DIM)"
     if name.startswith("roi_heads.mask_head."):
-        return "other mask head (MODEL.ROI_MASK_HEAD.NAME / MNC.MASK_HEAD.*)"
+        return "other mask head (MODEL.MNC.MASK_HEAD.*)"
     return "shape mismatch"
 
 
@@ -138,7 +138,7 @@ def _missing_reason(name: str, checkpoint_keys) -> str:
     """One line saying why a model tensor has no counterpart in the checkpoint."""
     if name.startswith("roi_heads.mask_head."):
         if any(k.startswith("roi_heads.mask_head.") for k in checkpoint_keys):
-            return "other mask head (MODEL.ROI_MASK_HEAD.NAME / MNC.MASK_HEAD.*)"
+            return "other mask head (MODEL.MNC.MASK_HEAD.*)"
         return "the checkpoint has no mask head (Faster R-CNN)"
     if name.startswith("roi_heads.segment_classifier."):
         return "MNC's segment-aware classifier has no D2 counterpart"

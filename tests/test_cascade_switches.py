@@ -205,10 +205,11 @@ def test_final_head_pools_only_the_foreground_rois(monkeypatch):
                         lambda self, x, boxes: calls.append((self, x, boxes)) or pool(self, x, boxes))
     monkeypatch.setattr(MNCROIHeads, "label_and_sample_proposals",
                         lambda self, *a: sampled.extend(label(self, *a)) or sampled[-len(a[0]):])
-    opts = ("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
+    opts = ("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", True, "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+            "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
             "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", True,
             "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.PATHWAY_POOL", 1,
-            "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14)
+            "MODEL.MNC.FINAL_MASK_HEAD.OWN_POOLER", True, "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14)
     model, losses = train_losses(*opts)
     heads = model.roi_heads
     final_calls = [(x, boxes) for pooler, x, boxes in calls if pooler is heads.final_pooler]
@@ -222,18 +223,11 @@ def test_final_head_pools_only_the_foreground_rois(monkeypatch):
         assert torch.equal(every[is_fg], pool(heads.final_pooler, x, fg_boxes))
 
 
-def test_final_pooler_needs_a_final_head():
-    import pytest
-
-    with pytest.raises(ValueError, match="FINAL_MASK_HEAD.NAME"):
-        build_model(small_cfg("MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION", 14))
-
-
 def test_final_mask_head_needs_masks_on_final_boxes():
     import pytest
 
     with pytest.raises(ValueError, match="MASKS_ON_FINAL_BOXES"):
-        build_model(small_cfg("MODEL.MNC.FINAL_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"))
+        build_model(small_cfg("MODEL.MNC.FINAL_MASK_HEAD.ENABLED", True))
 
 
 def test_empty_voted_mask_falls_back_to_the_regressed_box():

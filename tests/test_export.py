@@ -93,8 +93,7 @@ def test_export_matches_eager_on_another_image_size(files, tmp_path, fmt):
 
 def test_five_stages_with_voting_export(files, tmp_path):
     """The paper's output path: five stages (the refined boxes are traced) and voting (in the Python step)."""
-    opts = ["MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.FINAL_MASK_HEAD.NAME", "", "MODEL.MNC.FINAL_MASK_HEAD.POOLER_RESOLUTION",
-            0, "MODEL.MNC.REFINED_MASK_LOSS", False, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", False,
+    opts = ["MODEL.MNC.NUM_STAGES", 5, "MODEL.MNC.FINAL_MASK_HEAD.ENABLED", False, "MODEL.MNC.REFINED_MASK_LOSS", False, "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES", False,
             "MODEL.MNC.TEST.MASK_VOTING", True]
     cfg = _cfg(*opts)
     torch.manual_seed(1)

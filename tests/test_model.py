@@ -43,7 +43,7 @@ def test_output_masks_are_binarised_at_their_heads_threshold(path):
     if cfg.MODEL.META_ARCHITECTURE != "MNC":
         return
     mnc = cfg.MODEL.MNC
-    d2_head_outputs = bool(mnc.FINAL_MASK_HEAD.NAME) and mnc.TEST.MASKS_ON_FINAL_BOXES
+    d2_head_outputs = mnc.FINAL_MASK_HEAD.ENABLED and mnc.TEST.MASKS_ON_FINAL_BOXES
     assert mnc.TEST.MASK_THRESHOLD == (0.5 if d2_head_outputs else 0.4)
 
 

@@ -150,7 +150,7 @@ def test_non_finite_features_give_no_detections_not_a_crash():
 
 
 def test_d2_conv_mask_head_is_built_class_agnostic():
-    heads, cfg = build_heads("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+    heads, cfg = build_heads("MODEL.MNC.MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
                              "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", False)
     assert heads.mask_head.predictor.out_channels == 1
     losses = train_losses(heads, cfg, [make_targets(IMAGE_SIZE)] * 2)
