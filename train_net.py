@@ -35,8 +35,8 @@ from detectron2.utils import comm
 import mnc_d2  # noqa: F401  (registers MNC's model parts and datasets)
 from mnc_d2.data.datasets.command_line import add_dataset_argument, register_datasets
 from mnc_d2.engine import load_weights_for_eval, setup_cfg, trainer_class
-from mnc_d2.errors import ConfigError, MNCError
-from mnc_d2.launch import launch, started_by_torchrun
+from mnc_d2.utils.errors import ConfigError, MNCError
+from mnc_d2.engine.launch import launch, started_by_torchrun
 
 EXIT_INPUT_ERROR = 2
 

@@ -56,7 +56,7 @@ PYCODE
 step "versions: $VERSIONS"
 
 step "2/4 GPU tests (pytest -m gpu)"
-(cd "$REPO" && timeout 120 "$PY" -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_mask_voting.py \
+(cd "$REPO" && timeout 120 "$PY" -m pytest -m gpu -p no:cacheprovider tests/packaging/test_gpu.py tests/modeling/test_mask_voting.py \
   > "$OUT/pytest_gpu.log" 2>&1); status=$?
 step "GPU tests: exit $status, $(tail -1 "$OUT/pytest_gpu.log")"
 

@@ -4,7 +4,7 @@
         --maskrcnn <detectron2>/model_zoo/configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml \\
         [--image 800 1088] [--detections 20 50 100] [--out docs/benchmarks/r50_fpn_flops.md]
 
-``mnc_d2.analyze`` counts a model on real images, so its heads run on what the weights detect: with
+``mnc_d2.tools.analyze`` counts a model on real images, so its heads run on what the weights detect: with
 random weights (no COCO-trained R50-FPN exists here) the RPN's proposals and the detections are few and
 arbitrary. This script counts each part on fixed inputs instead (PyTorch's ``FlopCounterMode``, 1
 multiply-add = 1 flop, D2's convention): the backbone and the RPN head on one image of ``--image`` size,
@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mnc_d2  # noqa: F401  (registers MNC)
 from detectron2.modeling import build_model
-from mnc_d2.config_checks import build_cfg
+from mnc_d2.config import build_cfg
 
 
 def gflops(fn) -> float:

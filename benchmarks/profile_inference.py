@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     from detectron2.data import build_detection_test_loader
     from detectron2.modeling import build_model
 
-    from mnc_d2.engine import build_cfg, load_weights_for_eval
+    from mnc_d2.config import build_cfg
+    from mnc_d2.engine import load_weights_for_eval
 
     cfg = build_cfg(args.config_file, [*args.opts, "MODEL.WEIGHTS", args.weights])
     model = build_model(cfg)

@@ -185,7 +185,7 @@ def markdown(report: Dict) -> str:
                   + ". Their times were measured in that invocation, on the same machine."]
     lines += ["", "÷ MR: ratio to Mask R-CNN measured in this run. Times are medians after warm-up (training: "
               "one `run_step` = data + forward + backward + update, evaluation excluded; inference: "
-              "`model([image])` in eval mode, mask pasting included). GFLOPs/img: `mnc_d2.analyze`'s count on the "
+              "`model([image])` in eval mode, mask pasting included). GFLOPs/img: `mnc_d2.tools.analyze`'s count on the "
               "first val images with the final weights (every op that ran, heads on the RoIs and detections they "
               "really ran on; 1 multiply-add = 1 flop), independent of machine load. Peak MB: "
               f"{_memory_phrase(models)}. AP: COCO AP (0-100) after the last iteration.", ""]

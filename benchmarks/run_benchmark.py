@@ -413,7 +413,7 @@ def in_this_checkout(config_file: str) -> str:
 def resolved_config(spec: Dict) -> Dict:
     """``spec``'s config file + opts resolved now, as the worker's ``config_snapshot``."""
     from benchmarks.worker import config_snapshot  # imports detectron2: only when --resume finds a saved run
-    from mnc_d2.config_checks import build_cfg
+    from mnc_d2.config import build_cfg
 
     import mnc_d2  # noqa: F401  (registers the model parts the config names)
     return config_snapshot(build_cfg(spec["config_file"], list(spec["opts"])))

@@ -10,7 +10,7 @@ so that both paste the same number of masks. Images: the first ``--images`` of t
 zoo file's test transform (shorter side 800); training uses the shapes train split at the zoo file's train sizes.
 
 Measured, as ratios against Mask R-CNN of the same run:
-- FLOPs per image: fvcore through ``mnc_d2.analyze.count_flops`` (1 multiply-add = 1 flop);
+- FLOPs per image: fvcore through ``mnc_d2.tools.analyze.count_flops`` (1 multiply-add = 1 flop);
 - CPU inference s/image at each ``--threads``: ``--rounds`` interleaved rounds (MR, MNC, MR, MNC, ...), each the mean
   over the images after one untimed call; the ratio of the per-round medians, with the range of per-round ratios;
 - training s/iter (batch ``--batch``, SGD step included) at the largest thread count, interleaved the same way.
@@ -36,7 +36,7 @@ COMMON = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NUM_CLASS
 def build(opts: List[str], seed: int):
     from detectron2 import model_zoo
     from detectron2.modeling import build_model
-    from mnc_d2.config_checks import build_cfg
+    from mnc_d2.config import build_cfg
 
     cfg = build_cfg(model_zoo.get_config_file(R50_FPN), COMMON + opts)
     torch.manual_seed(seed)
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
 
     import mnc_d2  # noqa: F401  (registers MNC and the datasets)
     from detectron2.data import DatasetCatalog, DatasetMapper
-    from mnc_d2.analyze import count_flops
+    from mnc_d2.tools.analyze import count_flops
 
     size_opts = [] if args.size == 800 else ["INPUT.MIN_SIZE_TEST", str(args.size), "INPUT.MIN_SIZE_TRAIN",
                                               f"({args.size},)"]

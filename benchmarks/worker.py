@@ -294,7 +294,7 @@ def measure_inference(trainer_cls, cfg, model, dataset_name: str, num_images: Op
 def measure_flops(cfg, model, dataset_name: str, num_images: int) -> Dict:
     """mnc_d2.analyze's FLOP count on the first ``num_images`` val images with these weights (eval mode)."""
     from detectron2.data import build_detection_test_loader
-    from mnc_d2.analyze import count_flops
+    from mnc_d2.tools.analyze import count_flops
 
     inputs = []
     for batch in build_detection_test_loader(cfg, dataset_name):
@@ -311,7 +311,7 @@ def evaluate_variant(trainer_cls, spec: Dict, variant_opts, state_dict: Dict, me
                      device: str) -> Dict:
     """Evaluate and time the trained weights again with test-time config changes (e.g. mask voting
     off): the model is rebuilt from the changed config and gets the same state dict."""
-    from mnc_d2.engine import build_cfg
+    from mnc_d2.config import build_cfg
 
     name = "_".join(variant_opts[::2]).replace(".", "_").lower()
     out_dir = os.path.join(spec["work_dir"], "variants", name)
@@ -602,7 +602,7 @@ def time_model(spec: Dict) -> Dict:
         result["flops"] = measure_flops(cfg, model, val_name, spec["flop_images"])
     result["variants"] = {}
     if cfg.MODEL.META_ARCHITECTURE == "MNC":
-        from mnc_d2.engine import build_cfg
+        from mnc_d2.config import build_cfg
 
         for name, variant_opts in (spec.get("test_variants") or {}).items():
             variant_cfg = build_cfg(spec["config_file"], [*opts, *variant_opts])
@@ -633,7 +633,7 @@ def reevaluate(spec: Dict) -> Dict:
     torch.set_num_threads(spec["threads"])
     import mnc_d2  # noqa: F401
     from detectron2.checkpoint import DetectionCheckpointer
-    from mnc_d2.engine import build_cfg
+    from mnc_d2.config import build_cfg
 
     result = copy.deepcopy(spec["previous_result"])
     if spec.get("val_subset"):

@@ -3,7 +3,7 @@
 Importing this package registers the meta-architecture ``MNC``, the ROI heads ``MNCROIHeads``, the
 mask head ``MNCMaskHead``, the proposal generator ``MNCRPN`` and the built-in datasets.
 """
-from ._check import check_detectron2
+from .utils.env import check_detectron2
 
 check_detectron2()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Patches an unpacked pb1-detectron2==0.6 sdist (the official v0.6 Python code) so it builds and runs
 # with today's toolchain. Each patch is listed, with its reason, in README.md ("Detectron2 workarounds"),
-# and tests/test_install_workarounds.py fails if one is missing from the installed detectron2.
+# and tests/packaging/test_install_workarounds.py fails if one is missing from the installed detectron2.
 set -euo pipefail
 SRC=${1:?usage: patch_detectron2_sdist.sh <unpacked sdist dir>}
 cd "$SRC"

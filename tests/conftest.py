@@ -14,6 +14,12 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(REPO, "configs", "mnc_R18_GN_FPN_shapes_cpu.yaml")
+INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
+# small_cfg's shrinking as KEY VALUE options, for a checkpoint and the command line (score threshold 0: random weights)
+SMALL_OPTS = ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+              "MODEL.MNC.MASK_HEAD.FC_DIM", 64, "MODEL.MNC.MASK_HEAD.CONV_DIM", 16,
+              "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7, "MODEL.MNC.MASK_HEAD.MASK_SIZE", 14,
+              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 5]
 
 # train_net.py options that make the instant test smaller (64 px images, a thinner model); test files
 # add their own schedule (SOLVER.MAX_ITER, CHECKPOINT_PERIOD, ...).

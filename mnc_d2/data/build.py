@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.utils import comm
 
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 from .mapper import RobustDatasetMapper
 from .sampler import ResumableTrainingStream
 from .validation import load_dataset_dicts

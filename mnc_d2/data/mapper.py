@@ -25,7 +25,6 @@ import numbers
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_util
 
 from detectron2.config import configurable
@@ -33,11 +32,10 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 
-from .datasets.label_images import normalize_to_uint8
-from ..errors import BadImageError, CorruptImageError, DatasetError, ImageNotFoundError, ImageSizeMismatchError
+from ..utils.errors import BadImageError, DatasetError, ImageSizeMismatchError
+from .image_io import read_image
 
 __all__ = ["RobustDatasetMapper", "read_image", "check_image_size", "sanitize_annotation"]
 
@@ -48,37 +46,6 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD_IMAGES = 20
 
 _SUPPORTED_BOX_MODES = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer / float grayscale -> 8-bit "L" by the project's one rule,
-    :func:`~mnc_d2.data.datasets.label_images.normalize_to_uint8` (each image's [1, 99.8] percentile range to 0..255,
-    the rule that made the HeLa training crops). PIL's own convert clips at 255 (nearly every pixel of a
-    16-bit image would be white), and a fixed 65535 -> 255 scaling turns microscopy frames (values
-    33000-37000) flat grey."""
-    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
-        return image
-    array = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return Image.fromarray(normalize_to_uint8(array), mode="L")
-
-
-def read_image(file_name: str, format=None) -> np.ndarray:
-    """D2's ``read_image`` (EXIF orientation, conversion to ``format``) with errors that name the file:
-    :class:`ImageNotFoundError` (no such file) or :class:`CorruptImageError` (cannot be decoded,
-    including truncated files, which PIL only notices when decoding)."""
-    try:
-        with PathManager.open(file_name, "rb") as f:
-            image = Image.open(f)
-            image.load()  # decode now, inside the try: a truncated file fails here, not later
-    except FileNotFoundError as e:
-        raise ImageNotFoundError(f"Image file {file_name} does not exist.", file_name) from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(
-            f"Image file {file_name} cannot be decoded ({type(e).__name__}: {e}); it may be truncated or not an image.",
-            file_name,
-        ) from e
-    image = utils._apply_exif_orientation(image)
-    return utils.convert_PIL_to_numpy(_to_8bit(image), format)
 
 
 def check_image_size(dataset_dict: dict, image: np.ndarray) -> None:

@@ -14,54 +14,20 @@ A run that consumed ``start_iter`` iterations of ``IMS_PER_BATCH`` images resume
 (all landscape or all portrait, as in the synthetic shapes datasets); otherwise the images waiting
 in D2's aspect-ratio buckets at the checkpoint are skipped.
 """
-import contextlib
 import itertools
 import random
 
-import numpy as np
 import torch
 import torch.utils.data as torchdata
 
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainingStream", "RNGNeutralIterator", "derive_seed", "preserved_rngs", "seeded_rngs",
-           "seed_all_rngs"]
+from ..utils.rng import derive_seed, preserved_rngs, seeded_rngs
 
-_SAMPLE_DOMAIN = 1  # keeps per-sample seeds apart from per-iteration seeds (mnc_d2.hooks)
+__all__ = ["ResumableTrainingStream", "RNGNeutralIterator"]
 
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, position), well mixed by numpy's SeedSequence."""
-    words = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def seed_all_rngs(seed: int) -> None:
-    """Seed python's, numpy's and torch's (all devices) global RNGs from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_rngs():
-    """Run a block without changing the python/numpy/torch (CPU) RNG states seen after it."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-@contextlib.contextmanager
-def seeded_rngs(seed: int):
-    """Run a block with python/numpy/torch (CPU) RNGs seeded from ``seed``; restore their states after."""
-    with preserved_rngs():
-        seed_all_rngs(seed)
-        yield
+_SAMPLE_DOMAIN = 1  # keeps per-sample seeds apart from per-iteration seeds (mnc_d2.engine.hooks)
 
 
 class RNGNeutralIterator:

@@ -35,7 +35,7 @@ from detectron2.data.build import (
     print_instances_class_histogram,
 )
 
-from ..errors import DatasetError, MNCError
+from ..utils.errors import DatasetError, MNCError
 
 __all__ = ["load_dataset_dicts", "load_dataset", "diagnose_coco_json", "validate_dataset_dicts", "drop_missing_images"]
 

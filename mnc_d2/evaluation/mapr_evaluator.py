@@ -27,7 +27,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..checkpoint import atomic_write_json
+from ..utils.file_io import atomic_write_json
 from .mask_ap import ASSIGNMENTS, INTERPOLATIONS, evaluate_mask_ap
 
 logger = logging.getLogger(__name__)

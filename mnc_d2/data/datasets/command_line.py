@@ -5,7 +5,7 @@
     --dataset NAME=path/to/images:path/to/labels               # label images, paired by file-name stem
 
 A label-image folder pair gives one class ("object"): every non-zero value of a label image is one
-instance. The option repeats; a bad path or spec raises :class:`~mnc_d2.errors.ConfigError` naming it.
+instance. The option repeats; a bad path or spec raises :class:`~mnc_d2.utils.errors.ConfigError` naming it.
 """
 import argparse
 import os
@@ -15,7 +15,7 @@ from typing import Iterable, List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from ...errors import ConfigError
+from ...utils.errors import ConfigError
 from .common import register_dataset
 from .label_images import load_label_image_pairs
 

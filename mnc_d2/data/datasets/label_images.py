@@ -44,6 +44,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..image_io import DEFAULT_PERCENTILES, normalize_to_uint8
 from .common import cache_root, write_png_atomic
 
 __all__ = [
@@ -62,7 +63,6 @@ ImageLike = Union[str, os.PathLike, np.ndarray]
 _TIFF_SUFFIXES = (".tif", ".tiff")
 # Files D2's read_image (PIL) decodes correctly when they hold 8-bit data.
 _D2_READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-DEFAULT_PERCENTILES = (1.0, 99.8)
 
 
 def label_image_to_annotations(
@@ -123,32 +123,6 @@ def label_image_to_annotations(
             }
         )
     return annotations
-
-
-def normalize_to_uint8(
-    image: np.ndarray, percentiles: Tuple[float, float] = DEFAULT_PERCENTILES
-) -> np.ndarray:
-    """
-    (H, W) or (H, W, C) array -> uint8 of the same shape. uint8 input is returned
-    as it is; otherwise each channel is mapped linearly from its
-    [P_low, P_high] percentile range to [0, 255] and clipped.
-    """
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == bool:
-        return image.astype(np.uint8) * 255
-    image = image.astype(np.float32)
-    channels = image[..., None] if image.ndim == 2 else image
-    out = np.empty(channels.shape, dtype=np.uint8)
-    for c in range(channels.shape[-1]):
-        channel = channels[..., c]
-        low, high = np.percentile(channel, percentiles)
-        if high <= low:
-            out[..., c] = 0
-            continue
-        scaled = (channel - low) * (255.0 / (high - low))
-        out[..., c] = np.rint(np.clip(scaled, 0, 255))
-    return out[..., 0] if image.ndim == 2 else out
 
 
 def _read_array(path: Union[str, os.PathLike], what: str, read_non_tiff) -> np.ndarray:

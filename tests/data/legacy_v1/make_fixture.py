@@ -1,4 +1,4 @@
-"""Writes the fixture of ``tests/test_config_upgrade.py``: two runs' ``config.yaml`` as mnc_d2 0.1 (config
+"""Writes the fixture of ``tests/config/test_config_upgrade.py``: two runs' ``config.yaml`` as mnc_d2 0.1 (config
 format 1: ``ROI_MASK_HEAD.NAME`` = the stage-2 head, ``MODEL.MNC.FINAL_MASK_HEAD.NAME`` = the output head) dumped
 them, and what ``train_net.py --eval-only`` gave on deterministic weights (``checkpoint_weights``).
 
@@ -90,7 +90,7 @@ def detections(output_dir: str) -> list:
 def main():
     import mnc_d2  # noqa: F401
     from detectron2.modeling import build_model
-    from mnc_d2.config_checks import build_cfg
+    from mnc_d2.config import build_cfg
 
     expected = {}
     for name, config in RUNS.items():

@@ -1,0 +1,244 @@
+"""Crash-safe checkpoints: a run killed at any moment (``kill -9``, OOM, power loss) resumes from the
+last COMPLETE checkpoint.
+
+D2 0.6 (fvcore) writes ``model_XXXXXXX.pth`` and then ``last_checkpoint`` in place: a kill during
+either write leaves a truncated checkpoint, or a ``last_checkpoint`` naming one, and ``--resume``
+then fails deep in ``torch.load``. Here every file is written to a hidden temporary sibling,
+fsync'ed and renamed over the target (``os.replace`` is atomic on POSIX), so the target is always
+the old or the new complete file. ``last_checkpoint`` is renamed only after its checkpoint.
+"""
+import contextlib
+import errno
+import glob
+import json
+import logging
+import os
+import shutil
+
+import torch
+
+from ..utils.errors import CheckpointError, CheckpointNotFoundError, NonFiniteError
+from ..utils.file_io import PARTIAL_SUFFIX, AtomicWritesPathManager, atomic_open, is_local_path, partial_writer_is_gone
+from .warm_start import MNCWarmStartCheckpointer
+
+__all__ = ["AtomicCheckpointer", "first_non_finite", "trim_metrics_json"]
+
+logger = logging.getLogger(__name__)
+
+def _global_norm(state_dict) -> float:
+    """L2 norm over all floating-point tensors of a state dict."""
+    tensors = [t.detach().float() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return float(torch.stack([t.norm() for t in tensors]).norm()) if tensors else 0.0
+
+
+def _out_of_space(error: BaseException, directory: str) -> bool:
+    """Whether a failed write is a full disk: ENOSPC, or torch's "unexpected pos" (its zip writer's wording
+    for a short write) while the directory's file system has (almost) no space left."""
+    cause = error
+    while cause is not None:  # torch's zip writer keeps the file's OSError as the context
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if "unexpected pos" in str(error) or "No space left" in str(error):
+        try:
+            return shutil.disk_usage(directory).free < (64 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _describe_misfit(report: dict) -> str:
+    """What of a checkpoint does not fit the model (from a warm-start report), NUM_CLASSES first."""
+    parts = []
+    for name, ckpt_shape, model_shape, _ in report["shape_mismatch"]:
+        if name.endswith("box_predictor.cls_score.weight"):
+            parts.append(f"it was trained for {ckpt_shape[0] - 1} classes, this config has "
+                         f"MODEL.ROI_HEADS.NUM_CLASSES {model_shape[0] - 1}")
+    shapes = [f"{n} is {tuple(c)} there, {tuple(m)} here" for n, c, m, _ in report["shape_mismatch"][:3]]
+    missing = [n for n, _, _ in report["missing"][:3]]
+    parts += shapes + ([f"it lacks {', '.join(missing)}" + (" ..." if len(report["missing"]) > 3 else "")]
+                       if missing else [])
+    return "; ".join(parts) + ". Use the config the checkpoint was trained with (its OUTPUT_DIR/config.yaml)."
+
+
+def first_non_finite(state_dict):
+    """Name of the first floating-point tensor in ``state_dict`` holding NaN or Inf, else None."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def trim_metrics_json(path: str, before_iter: int) -> int:
+    """Rewrite D2's ``metrics.json`` (one JSON object per line, appended by ``JSONWriter``) keeping the
+    complete lines of iterations ``< before_iter``. A resumed run repeats the iterations after its
+    checkpoint and a kill can tear the last line; without this both would stay in the file.
+
+    Returns:
+        int: the number of lines dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record["iteration"]) < before_iter
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with atomic_open(path, "w") as f:
+            f.writelines(kept)
+    return dropped
+
+
+class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what loaded / stayed fresh
+    """D2's DetectionCheckpointer with atomic writes and load errors that name the file.
+
+    * ``save``: the checkpoint and then ``last_checkpoint`` are each written with :func:`atomic_open`;
+      a model with a NaN/Inf tensor is refused (:class:`NonFiniteError`), so ``last_checkpoint``
+      always names a finite, complete checkpoint.
+    * ``load``: a missing file raises :class:`CheckpointNotFoundError`, an unreadable one
+      :class:`CheckpointError`, both naming the path (D2 0.6: an ``AssertionError`` or a ``torch.load``
+      traceback). An empty path still means "no weights" (training from scratch), as in D2.
+    * ``resume_or_load``: removes ``*.partial`` files left by a killed save; a ``last_checkpoint``
+      naming a missing file is an error, not a silent restart from scratch.
+
+    Non-local ``save_dir`` (a URI) falls back to D2's non-atomic writes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path_manager = AtomicWritesPathManager(self.path_manager)
+
+    def save(self, name: str, **kwargs) -> None:
+        """fvcore's save (written atomically through ``self.path_manager``), refusing NaN/Inf weights and
+        naming a full disk."""
+        bad = first_non_finite(self.model.state_dict())
+        if bad is not None and self.save_dir and self.save_to_disk:
+            raise NonFiniteError(
+                f"Refusing to save checkpoint {name!r}: weight {bad!r} holds NaN/Inf. The last complete "
+                f"checkpoint ({self.get_checkpoint_file() or 'none'}) is unchanged."
+            )
+        try:
+            super().save(name, **kwargs)
+        except (OSError, RuntimeError) as e:
+            if not _out_of_space(e, self.save_dir):
+                raise
+            raise CheckpointError(
+                f"No space left on device while writing {os.path.join(self.save_dir, name + '.pth')}; nothing of "
+                f"it was kept, and the previous checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. "
+                f"Free space in {self.save_dir}, then continue with --resume."
+            ) from None
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """fvcore's, called by ``save`` once the checkpoint is complete: skipped while training looks unhealthy."""
+        state_dict = self.model.state_dict()
+        unhealthy = self._why_not_promote(state_dict)
+        if unhealthy:
+            self.logger.warning(f"{os.path.join(self.save_dir, last_filename_basename)} was written but "
+                                f"last_checkpoint still names {self.get_checkpoint_file() or 'none'}: {unhealthy}")
+            return
+        self._promoted_norm = _global_norm(state_dict)
+        super().tag_last_checkpoint(last_filename_basename)
+
+    # A checkpoint becomes last_checkpoint only while training looks healthy (docs/troubleshooting.md):
+    LOSS_JUMP = 10.0  # the loss of its iteration <= LOSS_JUMP x the median loss of the earlier iterations
+    NORM_JUMP = 10.0  # its weights' L2 norm <= NORM_JUMP x that of the last promoted checkpoint
+    _promoted_norm = None
+
+    def _why_not_promote(self, state_dict) -> str:
+        """Why the checkpoint just written must not become last_checkpoint ("" = it may)."""
+        trainer = self.checkpointables.get("trainer")
+        storage = getattr(trainer, "storage", None) if trainer is not None else None
+        if storage is not None and "total_loss" in storage.histories():
+            losses = [v for v, _ in storage.history("total_loss").values()]
+            earlier = sorted(losses[:-1])
+            if len(earlier) >= 5 and losses[-1] > self.LOSS_JUMP * earlier[len(earlier) // 2]:
+                return (f"its iteration's loss {losses[-1]:.4g} is more than {self.LOSS_JUMP:g}x the median "
+                        f"{earlier[len(earlier) // 2]:.4g} of the earlier iterations (diverging?)")
+        norm = _global_norm(state_dict)
+        if self._promoted_norm and norm > self.NORM_JUMP * self._promoted_norm:
+            return (f"its weights' norm {norm:.4g} is more than {self.NORM_JUMP:g}x that of the last good "
+                    f"checkpoint ({self._promoted_norm:.4g}; diverging?)")
+        return ""
+
+    def remove_partial_files(self) -> list:
+        """Delete the temporary files of saves that were killed (their writer is gone; the partial file of
+        a live run, e.g. one saving while ``--eval-only --resume`` reads its directory, stays). Returns
+        their paths."""
+        if not (self.save_dir and self.save_to_disk and is_local_path(self.save_dir)):
+            return []
+        removed = []
+        for path in glob.glob(os.path.join(glob.escape(self.save_dir), "." + "*" + PARTIAL_SUFFIX)):
+            if not partial_writer_is_gone(path):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+        if removed:
+            self.logger.warning(f"Removed {len(removed)} partial file(s) of interrupted saves: {removed}")
+        return removed
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        try:
+            self.remove_partial_files()
+            return self._resume_or_load(path, resume=resume)
+        finally:  # the reference of the norm rule: the weights training starts from
+            self._promoted_norm = _global_norm(self.model.state_dict())
+
+    # Resuming and evaluating need every tensor of the model from the file (a warm start may leave some fresh).
+    require_complete = False
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        report = self.last_report or {}
+        if self.require_complete and report.get("fresh"):
+            raise CheckpointError(f"{self._source} does not fit this model: {_describe_misfit(report)}")
+        return incompatible
+
+    def _resume_or_load(self, path: str, *, resume: bool):
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            if is_local_path(last) and not os.path.isfile(last):
+                raise CheckpointNotFoundError(
+                    f"Cannot resume: {os.path.join(self.save_dir, 'last_checkpoint')} names {last}, which "
+                    "does not exist. Point last_checkpoint at an existing model_*.pth in that directory, "
+                    "or delete it to start from MODEL.WEIGHTS."
+                )
+            previous, self.require_complete = self.require_complete, True
+            try:
+                return self.load(last)
+            finally:
+                self.require_complete = previous
+        if resume:
+            self.logger.info(f"No last_checkpoint in {self.save_dir}: starting from MODEL.WEIGHTS={path!r}")
+        return self.load(path, checkpointables=[])
+
+    def load(self, path, *args, **kwargs):
+        if path and not os.path.isfile(path):
+            if is_local_path(path):
+                raise CheckpointNotFoundError(f"Checkpoint file {path} does not exist.")
+            try:
+                local = self.path_manager.get_local_path(path)
+            except Exception as e:  # network / handler errors: name the URL, keep the cause
+                raise CheckpointNotFoundError(f"Cannot fetch checkpoint {path}: {type(e).__name__}: {e}") from e
+            if not os.path.isfile(local):
+                raise CheckpointNotFoundError(f"Checkpoint {path} (fetched to {local}) does not exist.")
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except CheckpointError:
+            raise  # says what is wrong already (e.g. a file holding code)
+        except Exception as e:
+            raise CheckpointError(
+                f"Cannot read checkpoint {filename}: {type(e).__name__}: {e}. The file may be truncated "
+                "(an interrupted copy, a full disk) or not a checkpoint."
+            ) from e

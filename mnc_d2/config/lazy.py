@@ -1,0 +1,150 @@
+"""Python (LazyConfig) configs, trained by ``train_net.py`` as yacs configs are::
+
+    python train_net.py --config-file configs/lazy/mnc_R18_GN_FPN_shapes_cpu.py [train.max_iter=100 ...]
+
+A config file holds, as D2's ``configs/common`` do: ``model`` (an ``L(MNC)(...)`` tree of the @configurable
+constructors), ``dataloader.train`` / ``dataloader.test`` (mnc_d2's loaders: :mod:`mnc_d2.data.build`),
+``optimizer``, ``lr_multiplier`` and ``train`` (D2's keys plus ``seed``); optionally ``extra_test_names``. It
+runs through the same :class:`~mnc_d2.engine.Trainer` as a yacs config, so it gets the same guarantees (atomic
+checkpoints, bit-exact ``--resume``, the OUTPUT_DIR lock, the stop on a non-finite loss, ``ERROR:`` lines): the
+loop's settings are copied into the trainer's yacs config (:func:`trainer_cfg`), and the model, optimizer,
+schedule and loaders are instantiated from the file (:class:`mnc_d2.engine.LazyTrainer`). Unknown keys, in the file or in a
+``key=value`` override, are errors naming the file (or the override) and the key.
+"""
+import difflib
+import inspect
+import logging
+import os
+from typing import List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from detectron2.config import LazyConfig, get_cfg
+
+from ..utils.errors import ConfigError
+from .defaults import add_mnc_config
+
+__all__ = ["MISSING", "is_lazy_config", "load_lazy_config", "trainer_cfg"]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+TRAIN_KEYS = ("output_dir", "init_checkpoint", "max_iter", "amp", "checkpointer", "eval_period", "device", "seed",
+              "log_period", "ddp")
+MISSING = object()
+
+
+def is_lazy_config(path: str) -> bool:
+    return str(path).endswith(".py")
+
+
+def _suggest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _accepted_arguments(target) -> Optional[set]:
+    """Keyword arguments ``target`` takes: its signature's, following ``**kwargs`` up the classes' __init__s;
+    None when some **kwargs cannot be followed (not checked then)."""
+    functions = [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__] \
+        if inspect.isclass(target) else [target]
+    names = set()
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def _check_calls(node, where: str, path: str) -> None:
+    """Every ``L(target)(...)`` node under ``node`` names only arguments its target takes."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _check_calls(item, f"{where}[{i}]", path)
+        return
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_", None) if "_target_" in node else None
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        target = locate(target)
+    accepted = _accepted_arguments(target) if target is not None else None
+    for key in node:
+        if key == "_target_":
+            continue
+        if accepted is not None and key not in accepted:
+            raise ConfigError(f"Config file {path}: {where}.{key}: {getattr(target, '__qualname__', target)} has no "
+                              f"argument {key!r}{_suggest(key, sorted(accepted))}")
+        _check_calls(node._get_node(key), f"{where}.{key}", path)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: List[str]) -> None:
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep:
+            raise ConfigError(f"Command-line override {override!r}: Python configs take key=value overrides "
+                              "(e.g. train.max_iter=100), not yacs KEY VALUE pairs")
+        if OmegaConf.select(cfg, key.strip(), default=MISSING) is MISSING:
+            parent, _, leaf = key.strip().rpartition(".")
+            siblings = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            choices = list(siblings.keys()) if isinstance(siblings, DictConfig) else []
+            raise ConfigError(f"Command-line override {override!r}: no key {key.strip()!r} in the config"
+                              f"{_suggest(leaf, choices)}")
+    try:
+        LazyConfig.apply_overrides(cfg, overrides)
+    except Exception as e:  # noqa: BLE001  (omegaconf / ast errors of a bad value)
+        raise ConfigError(f"Command-line overrides {overrides}: {type(e).__name__}: {e}") from e
+
+
+def load_lazy_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``LazyConfig.load`` + ``key=value`` overrides, checked.
+
+    Raises:
+        ConfigError: naming the file (or the override) and the key.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        cfg = LazyConfig.load(path)
+    except Exception as e:  # noqa: BLE001  (the file is Python: any error)
+        raise ConfigError(f"Config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ConfigError(f"Config file {path}: missing top-level {', '.join(missing)} (a Python config defines "
+                          f"{', '.join(REQUIRED)}: see configs/lazy/)")
+    _apply_overrides(cfg, list(overrides))
+    for key in cfg.train:
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"Config file {path}: unknown key train.{key}{_suggest(key, TRAIN_KEYS)}")
+    for key in ("model", "optimizer", "lr_multiplier", "dataloader"):
+        _check_calls(cfg._get_node(key), key, path)
+    cfg.config_file = path  # named by the trainer's errors
+    return cfg
+
+
+def trainer_cfg(lazy: DictConfig):
+    """The trainer's yacs config: the loop's settings of ``lazy`` (train.*, the batch, the datasets)."""
+    train, loaders = lazy.train, lazy.dataloader
+    cfg = add_mnc_config(get_cfg())
+    cfg.OUTPUT_DIR = train.output_dir
+    cfg.MODEL.WEIGHTS = train.init_checkpoint
+    cfg.MODEL.DEVICE = train.device
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = lazy.model.roi_heads.num_classes
+    cfg.SOLVER.MAX_ITER = train.max_iter
+    cfg.SOLVER.AMP.ENABLED = train.amp.enabled
+    cfg.SOLVER.CHECKPOINT_PERIOD = train.checkpointer.period
+    cfg.SOLVER.IMS_PER_BATCH = loaders.train.total_batch_size
+    cfg.TEST.EVAL_PERIOD = train.eval_period
+    cfg.SEED = train.seed
+    cfg.DATALOADER.NUM_WORKERS = loaders.train.get("num_workers", 0)
+    names = loaders.train.names
+    cfg.DATASETS.TRAIN = (names,) if isinstance(names, str) else tuple(names)
+    cfg.DATASETS.TEST = (loaders.test.name,) + tuple(lazy.get("extra_test_names", []) or [])
+    cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE = loaders.train.mapper.get("bad_image", "skip")
+    cfg.freeze()
+    return cfg

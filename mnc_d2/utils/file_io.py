@@ -1,0 +1,97 @@
+"""Atomic file writing: a file is written to a hidden temporary sibling, fsync'ed and renamed over its target
+(``os.replace`` is atomic on POSIX), so a reader sees the old or the new complete file, never a torn one. Used
+for checkpoints, results and metrics."""
+import contextlib
+import json
+import os
+import secrets
+import socket
+
+__all__ = ["AtomicWritesPathManager", "PARTIAL_SUFFIX", "atomic_open", "atomic_write_json", "is_local_path", "partial_writer_is_gone"]
+
+# Temporary files are ".<target name>.<host>-<pid>-<random>.partial" next to the target.
+PARTIAL_SUFFIX = ".partial"
+_HOST = socket.gethostname().replace("-", "_").replace(".", "_")
+
+
+def partial_writer_is_gone(partial_path: str) -> bool:
+    """Whether the process that writes ``partial_path`` has ended: it ran on this host and its pid is
+    not alive. Files of other hosts, of live processes, or of an unknown writer are kept."""
+    try:
+        parts = os.path.basename(partial_path)[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1].split("-")
+        host, pid = (parts[0], int(parts[1])) if len(parts) == 3 else (_HOST, int(parts[0]))  # 2: before hosts
+    except (ValueError, IndexError):
+        return False
+    if host != _HOST:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def is_local_path(path: str) -> bool:
+    return "://" not in path
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a crash after os.replace could otherwise lose it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open a temporary sibling of ``path`` for writing; on a clean exit flush, fsync and rename it over
+    ``path``. On an exception the temporary file is removed and ``path`` is untouched. A kill leaves at
+    most a hidden ``*.partial`` file, which :meth:`AtomicCheckpointer.remove_partial_files` cleans."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory,
+                       f".{os.path.basename(path)}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+class AtomicWritesPathManager:
+    """A path manager whose ``open`` for writing a local file is :func:`atomic_open` (fvcore's checkpointer
+    writes through ``self.path_manager.open``); everything else is the wrapped manager's."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def open(self, path, mode: str = "r", **kwargs):
+        if "w" in mode and is_local_path(path):
+            return atomic_open(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+
+def atomic_write_json(path, obj, **json_kwargs) -> None:
+    """``json.dump(obj, **json_kwargs)`` into ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, **json_kwargs)
