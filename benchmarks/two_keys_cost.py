@@ -10,7 +10,7 @@ so that both paste the same number of masks. Images: the first ``--images`` of t
 zoo file's test transform (shorter side 800); training uses the shapes train split at the zoo file's train sizes.
 
 Measured, as ratios against Mask R-CNN of the same run:
-- FLOPs per image: fvcore through ``mnc_d2.tools.analyze.count_flops`` (1 multiply-add = 1 flop);
+- FLOPs per image: ``mnc_d2.tools.analyze.count_flops`` (1 multiply-add = 1 flop);
 - CPU inference s/image at each ``--threads``: ``--rounds`` interleaved rounds (MR, MNC, MR, MNC, ...), each the mean
   over the images after one untimed call; the ratio of the per-round medians, with the range of per-round ratios;
 - training s/iter (batch ``--batch``, SGD step included) at the largest thread count, interleaved the same way.
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
             batches = train_batches(cfg, args.batch, 2)
             result["inputs"] = [list(x["image"].shape[1:]) for x in inputs]
         flops = count_flops(model, inputs[: args.flop_images])
-        result["models"][name] = {"label": label, "test_proposals": proposals, "gflops": flops["fvcore_total"] / 1e9,
-                                  "gflops_eager": flops["eager_total"] / 1e9, **count_roi_inputs(model, inputs[: args.images])}
+        result["models"][name] = {"label": label, "test_proposals": proposals, "gflops": flops["eager_total"] / 1e9,
+                                  **count_roi_inputs(model, inputs[: args.images])}
         print(name, result["models"][name], flush=True)
     for threads in args.threads:
         torch.set_num_threads(threads)

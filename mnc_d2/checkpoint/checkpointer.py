@@ -8,20 +8,18 @@ fsync'ed and renamed over the target (``os.replace`` is atomic on POSIX), so the
 the old or the new complete file. ``last_checkpoint`` is renamed only after its checkpoint.
 """
 import contextlib
-import errno
 import glob
 import json
 import logging
 import os
-import shutil
 
 import torch
 
-from ..utils.errors import CheckpointError, CheckpointNotFoundError, NonFiniteError
-from ..utils.file_io import PARTIAL_SUFFIX, AtomicWritesPathManager, atomic_open, is_local_path, partial_writer_is_gone
+from ..utils.errors import CheckpointError, CheckpointNotFoundError
+from ..utils.file_io import PARTIAL_SUFFIX, AtomicWritesPathManager, atomic_open, is_local_path
 from .warm_start import MNCWarmStartCheckpointer
 
-__all__ = ["AtomicCheckpointer", "first_non_finite", "trim_metrics_json"]
+__all__ = ["AtomicCheckpointer", "trim_metrics_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,42 +29,18 @@ def _global_norm(state_dict) -> float:
     return float(torch.stack([t.norm() for t in tensors]).norm()) if tensors else 0.0
 
 
-def _out_of_space(error: BaseException, directory: str) -> bool:
-    """Whether a failed write is a full disk: ENOSPC, or torch's "unexpected pos" (its zip writer's wording
-    for a short write) while the directory's file system has (almost) no space left."""
-    cause = error
-    while cause is not None:  # torch's zip writer keeps the file's OSError as the context
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    if "unexpected pos" in str(error) or "No space left" in str(error):
-        try:
-            return shutil.disk_usage(directory).free < (64 << 20)
-        except OSError:
-            return False
-    return False
-
-
 def _describe_misfit(report: dict) -> str:
     """What of a checkpoint does not fit the model (from a warm-start report), NUM_CLASSES first."""
     parts = []
-    for name, ckpt_shape, model_shape, _ in report["shape_mismatch"]:
+    for name, ckpt_shape, model_shape in report["shape_mismatch"]:
         if name.endswith("box_predictor.cls_score.weight"):
             parts.append(f"it was trained for {ckpt_shape[0] - 1} classes, this config has "
                          f"MODEL.ROI_HEADS.NUM_CLASSES {model_shape[0] - 1}")
-    shapes = [f"{n} is {tuple(c)} there, {tuple(m)} here" for n, c, m, _ in report["shape_mismatch"][:3]]
-    missing = [n for n, _, _ in report["missing"][:3]]
+    shapes = [f"{n} is {tuple(c)} there, {tuple(m)} here" for n, c, m in report["shape_mismatch"][:3]]
+    missing = [n for n, _ in report["missing"][:3]]
     parts += shapes + ([f"it lacks {', '.join(missing)}" + (" ..." if len(report["missing"]) > 3 else "")]
                        if missing else [])
     return "; ".join(parts) + ". Use the config the checkpoint was trained with (its OUTPUT_DIR/config.yaml)."
-
-
-def first_non_finite(state_dict):
-    """Name of the first floating-point tensor in ``state_dict`` holding NaN or Inf, else None."""
-    for name, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return name
-    return None
 
 
 def trim_metrics_json(path: str, before_iter: int) -> int:
@@ -100,14 +74,14 @@ def trim_metrics_json(path: str, before_iter: int) -> int:
 class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what loaded / stayed fresh
     """D2's DetectionCheckpointer with atomic writes and load errors that name the file.
 
-    * ``save``: the checkpoint and then ``last_checkpoint`` are each written with :func:`atomic_open`;
-      a model with a NaN/Inf tensor is refused (:class:`NonFiniteError`), so ``last_checkpoint``
-      always names a finite, complete checkpoint.
+    * ``save``: the checkpoint and then ``last_checkpoint`` are each written with :func:`atomic_open`, so
+      ``last_checkpoint`` always names a complete checkpoint (the training loop stops before NaN/Inf
+      weights are saved: :mod:`mnc_d2.engine.train_loop`).
     * ``load``: a missing file raises :class:`CheckpointNotFoundError`, an unreadable one
       :class:`CheckpointError`, both naming the path (D2 0.6: an ``AssertionError`` or a ``torch.load``
       traceback). An empty path still means "no weights" (training from scratch), as in D2.
-    * ``resume_or_load``: removes ``*.partial`` files left by a killed save; a ``last_checkpoint``
-      naming a missing file is an error, not a silent restart from scratch.
+    * ``resume_or_load``: a ``last_checkpoint`` naming a missing file is an error, not a silent restart
+      from scratch. A training run removes the ``*.partial`` files of killed saves (:meth:`remove_partial_files`).
 
     Non-local ``save_dir`` (a URI) falls back to D2's non-atomic writes.
     """
@@ -117,23 +91,18 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
         self.path_manager = AtomicWritesPathManager(self.path_manager)
 
     def save(self, name: str, **kwargs) -> None:
-        """fvcore's save (written atomically through ``self.path_manager``), refusing NaN/Inf weights and
-        naming a full disk."""
-        bad = first_non_finite(self.model.state_dict())
-        if bad is not None and self.save_dir and self.save_to_disk:
-            raise NonFiniteError(
-                f"Refusing to save checkpoint {name!r}: weight {bad!r} holds NaN/Inf. The last complete "
-                f"checkpoint ({self.get_checkpoint_file() or 'none'}) is unchanged."
-            )
+        """fvcore's save (written atomically through ``self.path_manager``); a failed write (a full disk) names
+        the file and the intact previous checkpoint."""
         try:
             super().save(name, **kwargs)
         except (OSError, RuntimeError) as e:
-            if not _out_of_space(e, self.save_dir):
-                raise
+            cause = e
+            while cause.__cause__ or cause.__context__:  # torch's zip writer keeps the file's OSError inside
+                cause = cause.__cause__ or cause.__context__
             raise CheckpointError(
-                f"No space left on device while writing {os.path.join(self.save_dir, name + '.pth')}; nothing of "
-                f"it was kept, and the previous checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. "
-                f"Free space in {self.save_dir}, then continue with --resume."
+                f"Could not write {os.path.join(self.save_dir, name + '.pth')} ({cause}); nothing of it was kept, "
+                f"and the previous checkpoint ({self.get_checkpoint_file() or 'none'}) is intact. Fix that (free "
+                "space), then continue with --resume."
             ) from None
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -169,25 +138,20 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
         return ""
 
     def remove_partial_files(self) -> list:
-        """Delete the temporary files of saves that were killed (their writer is gone; the partial file of
-        a live run, e.g. one saving while ``--eval-only --resume`` reads its directory, stays). Returns
-        their paths."""
+        """Delete the temporary files of saves that were killed. Only a training run calls this: it holds the
+        directory's run lock, so no other process is writing there. Returns their paths."""
         if not (self.save_dir and self.save_to_disk and is_local_path(self.save_dir)):
             return []
-        removed = []
-        for path in glob.glob(os.path.join(glob.escape(self.save_dir), "." + "*" + PARTIAL_SUFFIX)):
-            if not partial_writer_is_gone(path):
-                continue
+        removed = glob.glob(os.path.join(glob.escape(self.save_dir), "." + "*" + PARTIAL_SUFFIX))
+        for path in removed:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-                removed.append(path)
         if removed:
             self.logger.warning(f"Removed {len(removed)} partial file(s) of interrupted saves: {removed}")
         return removed
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         try:
-            self.remove_partial_files()
             return self._resume_or_load(path, resume=resume)
         finally:  # the reference of the norm rule: the weights training starts from
             self._promoted_norm = _global_norm(self.model.state_dict())

@@ -4,7 +4,7 @@ MNC keeps D2's parameter names where its parts are D2's (``backbone.*``, ``propo
 ``roi_heads.mask_head.*`` when the mask head is a D2 one); D2's box head ``roi_heads.box_head.*`` is
 MNC's box pathway ``roi_heads.box_pathway.*`` and is renamed on load (as are the old pathway names
 of mnc_d2's own checkpoints), so a D2 checkpoint loads into them. What cannot load is initialised
-fresh, and the report says why:
+fresh (D2 logs which), for these reasons:
 
 * ``roi_heads.segment_pathway.*`` has no counterpart in D2. When the checkpoint has none it is
   initialised from the checkpoint's box head (same architecture; the paper initialises both pathways
@@ -20,9 +20,8 @@ fresh, and the report says why:
   (the same architecture in a Mask R-CNN checkpoint): its convs and deconv load; its predictor is
   class-agnostic, so it is fresh when the checkpoint's is per class.
 
-D2 0.6's checkpointer already skips shape-mismatched tensors, one warning each; here every load
-ends in one summary (tensors loaded per module, fresh ones with the reason, unused checkpoint
-tensors), and :func:`warm_start_report` returns the same as a dict for programs and tests.
+D2's checkpointer logs what does not load (a warning per shape-mismatched tensor, missing and unused
+keys by module); :func:`warm_start_report` returns the same as a dict for programs and tests.
 
 Files: a ``.pth`` (written by D2's checkpointer: the model's tensors, the trainer's state
 (iteration, LR scheduler and, with mnc_d2's Trainer, optimizer) and an ``iteration`` int) is read with ``torch.load(weights_only=True)``, which executes no
@@ -36,7 +35,6 @@ from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -50,7 +48,6 @@ __all__ = [
     "MNCWarmStartCheckpointer",
     "add_final_mask_head_from_mask_head",
     "add_segment_pathway_from_box_head",
-    "format_warm_start_report",
     "warm_start_report",
 ]
 
@@ -109,48 +106,6 @@ def add_final_mask_head_from_mask_head(model: nn.Module, state_dict: Dict[str, t
     return _copy_part(model, state_dict, FINAL_MASK_PREFIX, MASK_HEAD_PREFIX)
 
 
-def _mismatch_reason(name: str, checkpoint_shape: Tuple[int, ...], model_shape: Tuple[int, ...]) -> str:
-    """One line saying why a known MNC tensor differs from D2's; generic otherwise."""
-    same_rank = len(checkpoint_shape) == len(model_shape)
-    if name.startswith("roi_heads.box_predictor.") and same_rank and len(model_shape) == 2:
-        if model_shape[1] != checkpoint_shape[1]:
-            return (f"input width {model_shape[1]} = box pathway ++ segment pathway "
-                    f"(the checkpoint's predictor reads {checkpoint_shape[1]})")
-        return "other number of classes (ROI_HEADS.NUM_CLASSES) or class-agnostic box regression"
-    if name.startswith((BOX_HEAD_PREFIX + "fc1.", SEG_HEAD_PREFIX + "fc1.")) and same_rank and len(model_shape) == 2:
-        return ("fc1 input C*P*P differs: check MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION / MODEL.MNC.PATHWAY_POOL "
-                "(MNC: 14 pooled 2x2 = 7, "
-                "D2 configs 7), FPN.OUT_CHANNELS / ROI_BOX_HEAD.NUM_CONV")
-    if name.startswith("roi_heads.mask_head.predictor.") and same_rank and model_shape[0] == 1 \
-            and checkpoint_shape[0] > 1:
-        return f"MNC's stage 2 predicts 1 class-agnostic mask, the checkpoint {checkpoint_shape[0]} class masks"
-    if name.startswith(FINAL_MASK_PREFIX + "predictor.") and same_rank and model_shape[0] == 1 \
-            and checkpoint_shape[0] > 1:
-        return f"MNC's output masks are class-agnostic (1 mask), the checkpoint's {checkpoint_shape[0]} class masks"
-    if name.startswith(FINAL_MASK_PREFIX):
-        return "other output mask head (MODEL.ROI_MASK_HEAD.NAME / NUM_CONV / CONV_DIM)"
-    if name.startswith("roi_heads.mask_head."):
-        return "other mask head (MODEL.MNC.MASK_HEAD.*)"
-    return "shape mismatch"
-
-
-def _missing_reason(name: str, checkpoint_keys) -> str:
-    """One line saying why a model tensor has no counterpart in the checkpoint."""
-    if name.startswith("roi_heads.mask_head."):
-        if any(k.startswith("roi_heads.mask_head.") for k in checkpoint_keys):
-            return "other mask head (MODEL.MNC.MASK_HEAD.*)"
-        return "the checkpoint has no mask head (Faster R-CNN)"
-    if name.startswith("roi_heads.segment_classifier."):
-        return "MNC's segment-aware classifier has no D2 counterpart"
-    if name.startswith(FINAL_MASK_PREFIX):
-        return "the checkpoint has no final mask head, and its mask head (if any) has other names"
-    if name.startswith(SEG_HEAD_PREFIX):
-        if any(k.startswith(BOX_HEAD_PREFIX) for k in checkpoint_keys):
-            return "no segment pathway in the checkpoint, and not copied from its box head"
-        return "the checkpoint has neither a segment pathway nor a box head to copy it from"
-    return "not in the checkpoint"
-
-
 def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, object],
                       copied: Optional[Mapping[str, str]] = None) -> dict:
     """What loading ``checkpoint_state_dict`` into ``model`` does (nothing is loaded here).
@@ -164,8 +119,8 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
         dict with
           ``loaded``: names loaded from the checkpoint (including the copied ones),
           ``copied``: the ``copied`` argument,
-          ``missing``: (name, model shape, reason) initialised fresh: the checkpoint lacks them,
-          ``shape_mismatch``: (name, checkpoint shape, model shape, reason) initialised fresh,
+          ``missing``: (name, model shape) initialised fresh: the checkpoint lacks them,
+          ``shape_mismatch``: (name, checkpoint shape, model shape) initialised fresh,
           ``fresh``: the names in ``missing`` and ``shape_mismatch``,
           ``unused``: checkpoint names the model does not have,
           ``from_config``: buffers set from the config (pixel_mean/std) that the checkpoint lacks.
@@ -179,13 +134,13 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
             if name.split(".")[-1] in _FROM_CONFIG:
                 from_config.append(name)
             else:
-                missing.append((name, model_shape, _missing_reason(name, checkpoint_state_dict)))
+                missing.append((name, model_shape))
             continue
         checkpoint_shape = tuple(checkpoint_state_dict[name].shape)
         if model_shape == checkpoint_shape:
             loaded.append(name)
         else:
-            mismatch.append((name, checkpoint_shape, model_shape, _mismatch_reason(name, checkpoint_shape, model_shape)))
+            mismatch.append((name, checkpoint_shape, model_shape))
     copied_sources = set(copied.values())
     unused = [k for k in checkpoint_state_dict if k not in model_state and k not in copied_sources
               and "anchor_generator.cell_anchors" not in k]  # old D2 files saved anchors; now non-persistent
@@ -200,56 +155,12 @@ def warm_start_report(model: nn.Module, checkpoint_state_dict: Mapping[str, obje
     }
 
 
-def _module_of(name: str) -> str:
-    """Group name for the summary: ``roi_heads.box_pathway``, ``backbone``, ``proposal_generator``."""
-    parts = name.split(".")
-    depth = 2 if parts[0] == "roi_heads" and len(parts) > 2 else 1
-    return ".".join(parts[:depth])
-
-
-def format_warm_start_report(report: dict, source: str = "the checkpoint") -> str:
-    """Human-readable summary: counts per module, then a table of every fresh tensor with its reason."""
-    counts = OrderedDict()
-    for name in report["loaded"]:
-        counts[_module_of(name)] = counts.get(_module_of(name), 0) + 1
-    fresh_counts = OrderedDict()
-    for name in report["fresh"]:
-        fresh_counts[_module_of(name)] = fresh_counts.get(_module_of(name), 0) + 1
-    lines = [
-        f"Warm start from {source}: {len(report['loaded'])} tensors loaded, {len(report['fresh'])} initialised "
-        f"fresh ({len(report['missing'])} not in the checkpoint, {len(report['shape_mismatch'])} shape "
-        f"mismatch), {len(report['unused'])} checkpoint tensors unused.",
-        "Loaded: " + (", ".join(f"{m} ({n})" for m, n in counts.items()) or "nothing"),
-    ]
-    for target, source, why in DERIVED_PARTS:
-        n = sum(name.startswith(target) for name in report["copied"])
-        if n:
-            lines.append(f"{target}* ({n} tensors) initialised from the checkpoint's {source}* ({why}).")
-    if fresh_counts:
-        lines.append("Initialised fresh: " + ", ".join(f"{m} ({n})" for m, n in fresh_counts.items()))
-    rows = []
-    for name, checkpoint_shape, model_shape, reason in report["shape_mismatch"]:
-        shown = f"{name} (from {report['copied'][name]})" if name in report["copied"] else name
-        rows.append((shown, "fresh: shape mismatch", str(checkpoint_shape), str(model_shape), reason))
-    for name, model_shape, reason in report["missing"]:
-        rows.append((name, "fresh: not in checkpoint", "-", str(model_shape), reason))
-    if rows:
-        lines.append(tabulate(rows, headers=["parameter / buffer", "status", "checkpoint shape", "model shape",
-                                             "why"], tablefmt="pipe"))
-    if report["unused"]:
-        unused_counts = OrderedDict()
-        for name in report["unused"]:
-            unused_counts[_module_of(name)] = unused_counts.get(_module_of(name), 0) + 1
-        lines.append("Unused checkpoint tensors: " + ", ".join(f"{m} ({n})" for m, n in unused_counts.items()))
-    return "\n".join(lines)
-
-
 class MNCWarmStartCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that (1) reads ``.pth`` files with ``torch.load(weights_only=True)``,
     (2) initialises the segment pathway from the checkpoint's box head when the checkpoint has none
     (and the final mask head from its mask head: :func:`add_final_mask_head_from_mask_head`),
-    and (3) logs one summary of what loaded and what is fresh and why (instead of D2's per-key
-    warnings; a WARNING when anything is fresh or unused, else INFO). Saving is D2's. The last report is kept in ``self.last_report``.
+    and (3) keeps what loaded and what is fresh in ``self.last_report`` (:func:`warm_start_report`; D2 logs
+    the per-key warnings). Saving is D2's.
 
     Args:
         segment_pathway_from_box_head: do (2); False leaves the segment pathway at its random init.
@@ -315,12 +226,8 @@ class MNCWarmStartCheckpointer(DetectionCheckpointer):
         copied.update(add_final_mask_head_from_mask_head(self.model, state_dict))
         checkpoint["model"] = state_dict
         self.last_report = warm_start_report(self.model, state_dict, copied)
-        something_fresh = self.last_report["fresh"] or self.last_report["unused"]
-        log = self.logger.warning if something_fresh else self.logger.info
-        log(format_warm_start_report(self.last_report, self._source))
+        for target, source, why in DERIVED_PARTS:  # D2 reports what is missing, unused or of another shape
+            n = sum(name.startswith(target) for name in copied)
+            if n:
+                self.logger.info(f"{target}* ({n} tensors) initialised from the checkpoint's {source}* ({why}).")
         return super()._load_model(checkpoint)
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        # _load_model has logged the full report; D2's per-key warnings would repeat it
-        pass
-

@@ -8,16 +8,15 @@ constructors), ``dataloader.train`` / ``dataloader.test`` (mnc_d2's loaders: :mo
 runs through the same :class:`~mnc_d2.engine.Trainer` as a yacs config, so it gets the same guarantees (atomic
 checkpoints, bit-exact ``--resume``, the OUTPUT_DIR lock, the stop on a non-finite loss, ``ERROR:`` lines): the
 loop's settings are copied into the trainer's yacs config (:func:`trainer_cfg`), and the model, optimizer,
-schedule and loaders are instantiated from the file (:class:`mnc_d2.engine.LazyTrainer`). Unknown keys, in the file or in a
-``key=value`` override, are errors naming the file (or the override) and the key.
+schedule and loaders are instantiated from the file (:class:`mnc_d2.engine.LazyTrainer`). An unknown ``train.*`` key
+or ``key=value`` override is an error naming the file (or the override) and the key; an argument a constructor
+does not take is ``instantiate``'s ``TypeError``, reported with the file and the part being built.
 """
 import difflib
-import inspect
-import logging
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from detectron2.config import LazyConfig, get_cfg
 
@@ -26,7 +25,6 @@ from .defaults import add_mnc_config
 
 __all__ = ["MISSING", "is_lazy_config", "load_lazy_config", "trainer_cfg"]
 
-logger = logging.getLogger(__name__)
 
 REQUIRED = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
 TRAIN_KEYS = ("output_dir", "init_checkpoint", "max_iter", "amp", "checkpointer", "eval_period", "device", "seed",
@@ -41,46 +39,6 @@ def is_lazy_config(path: str) -> bool:
 def _suggest(name: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _accepted_arguments(target) -> Optional[set]:
-    """Keyword arguments ``target`` takes: its signature's, following ``**kwargs`` up the classes' __init__s;
-    None when some **kwargs cannot be followed (not checked then)."""
-    functions = [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__] \
-        if inspect.isclass(target) else [target]
-    names = set()
-    for function in functions:
-        try:
-            parameters = inspect.signature(function).parameters.values()
-        except (TypeError, ValueError):
-            return None
-        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
-
-
-def _check_calls(node, where: str, path: str) -> None:
-    """Every ``L(target)(...)`` node under ``node`` names only arguments its target takes."""
-    if isinstance(node, ListConfig):
-        for i, item in enumerate(node):
-            _check_calls(item, f"{where}[{i}]", path)
-        return
-    if not isinstance(node, DictConfig):
-        return
-    target = node.get("_target_", None) if "_target_" in node else None
-    if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
-        target = locate(target)
-    accepted = _accepted_arguments(target) if target is not None else None
-    for key in node:
-        if key == "_target_":
-            continue
-        if accepted is not None and key not in accepted:
-            raise ConfigError(f"Config file {path}: {where}.{key}: {getattr(target, '__qualname__', target)} has no "
-                              f"argument {key!r}{_suggest(key, sorted(accepted))}")
-        _check_calls(node._get_node(key), f"{where}.{key}", path)
 
 
 def _apply_overrides(cfg: DictConfig, overrides: List[str]) -> None:
@@ -121,8 +79,6 @@ def load_lazy_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
     for key in cfg.train:
         if key not in TRAIN_KEYS:
             raise ConfigError(f"Config file {path}: unknown key train.{key}{_suggest(key, TRAIN_KEYS)}")
-    for key in ("model", "optimizer", "lr_multiplier", "dataloader"):
-        _check_calls(cfg._get_node(key), key, path)
     cfg.config_file = path  # named by the trainer's errors
     return cfg
 

@@ -14,14 +14,12 @@ RLE. :class:`RobustDatasetMapper` changes only that:
 * annotations: malformed ones (a bbox that is not 4 finite numbers, no polygon with >= 3 points,
   an RLE of another size or that does not decode, an unsupported segmentation type) are dropped
   with a warning naming the file; degenerate ones (zero area, outside the image) are removed after
-  the transform by D2's ``filter_empty_instances`` as before. A category id outside
-  ``[0, MODEL.ROI_HEADS.NUM_CLASSES)`` is a :class:`DatasetError` (a dataset / config mismatch, not
-  a per-image glitch). The output ``Instances`` has finite boxes inside the image, non-empty boxes
+  the transform by D2's ``filter_empty_instances`` as before. Category ids are checked once, when the
+  dataset is loaded (:mod:`mnc_d2.data.validation`). The output ``Instances`` has finite boxes inside the image, non-empty boxes
   and masks, and masks of the image's size.
 """
 import copy
 import logging
-import numbers
 
 import numpy as np
 import torch
@@ -143,19 +141,6 @@ def sanitize_annotation(annotation: dict, image_hw, use_instance_mask: bool = Tr
     return annotation, None
 
 
-def check_category_id(annotation: dict, num_classes, file_name: str, index: int) -> None:
-    """Raise :class:`DatasetError` unless the annotation's category_id is an int in [0, num_classes)."""
-    category_id = annotation.get("category_id")
-    valid = isinstance(category_id, numbers.Integral) and not isinstance(category_id, bool)
-    if valid and (num_classes is None or 0 <= category_id < num_classes):
-        return
-    limit = "" if num_classes is None else f" in [0, {num_classes}) (MODEL.ROI_HEADS.NUM_CLASSES={num_classes})"
-    raise DatasetError(
-        f"Image {file_name}, annotation #{index}: category_id {category_id!r} is not a class id{limit}. "
-        "D2 datasets use contiguous ids 0..K-1 (load_coco_json maps the json's ids to them)."
-    )
-
-
 class RobustDatasetMapper(DatasetMapper):
     """D2's DatasetMapper with the error handling described in this module's docstring.
 
@@ -166,18 +151,16 @@ class RobustDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, bad_image: str = "skip", num_classes=None, **kwargs):
+    def __init__(self, is_train: bool, *, bad_image: str = "skip", **kwargs):
         """
         Args:
             is_train, kwargs: see D2's DatasetMapper.
             bad_image: "skip" or "raise": what training does with an image that cannot be used.
-            num_classes: K; a category_id outside [0, K) raises. None: not checked.
         """
         super().__init__(is_train, **kwargs)
         if bad_image not in ("skip", "raise"):
             raise ValueError(f"bad_image must be 'skip' or 'raise', got {bad_image!r}")
         self.bad_image = bad_image
-        self.num_classes = num_classes
         self.num_skipped_images = 0
         self.num_dropped_annotations = 0
         self._consecutive_bad = 0
@@ -186,7 +169,6 @@ class RobustDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         ret["bad_image"] = cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE
-        ret["num_classes"] = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         return ret
 
     def read_image(self, dataset_dict: dict) -> np.ndarray:
@@ -255,7 +237,6 @@ class RobustDatasetMapper(DatasetMapper):
         for index, annotation in enumerate(dataset_dict["annotations"]):
             if annotation.get("iscrowd", 0) != 0:
                 continue  # D2 drops crowd regions from training targets too
-            check_category_id(annotation, self.num_classes, file_name, index)
             cleaned, reason = sanitize_annotation(annotation, image_hw, self.use_instance_mask,
                                                   self.instance_mask_format)
             if cleaned is None:

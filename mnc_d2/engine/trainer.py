@@ -1,7 +1,8 @@
 """``Trainer``: D2's DefaultTrainer made reliable (see its docstring), with MNC's evaluators."""
-import itertools
 import logging
 import os
+import shutil
+import tempfile
 import weakref
 
 import torch
@@ -19,7 +20,6 @@ from ..data.sampler import ResumableTrainingStream, RNGNeutralIterator
 from ..data.validation import load_dataset_dicts
 from ..evaluation import MaskAPrEvaluator
 from ..utils.errors import CheckpointError, ConfigError, MNCError
-from ..utils.file_io import atomic_open, atomic_write_json
 from .hooks import ReproducibleRNG
 from .launch import check_replicas_in_sync, ddp_device_kwargs
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
@@ -38,9 +38,10 @@ def ensure_dataset_files(dataset_name: str) -> None:
 
 
 class AtomicCOCOEvaluator(COCOEvaluator):
-    """D2's COCOEvaluator writing ``coco_instances_results.json`` and ``instances_predictions.pth``
-    atomically (D2 0.6 writes them in place: a kill leaves a truncated file), and logging how many
-    images each process evaluated (a check that the distributed gather saw the whole dataset)."""
+    """D2's COCOEvaluator with ``coco_instances_results.json`` and ``instances_predictions.pth`` written into a
+    hidden folder and then renamed into ``output_dir`` (D2 0.6 writes them in place: a kill leaves a truncated
+    file), and logging how many images each process evaluated (a check that the distributed gather saw the
+    whole dataset)."""
 
     def reset(self):
         super().reset()
@@ -52,35 +53,25 @@ class AtomicCOCOEvaluator(COCOEvaluator):
 
     def evaluate(self, img_ids=None):
         counts = comm.all_gather(self._num_images) if self._distributed else [self._num_images]
-        if comm.is_main_process():
-            expected = len(self._coco_api.getImgIds()) if img_ids is None else len(img_ids)
-            message = (f"Evaluated {sum(counts)} images of {self._metadata.name} "
-                       f"(per process: {', '.join(map(str, counts))}; the dataset has {expected})")
-            (self._logger.info if sum(counts) == expected else self._logger.warning)(message)
-        # D2 writes the files in evaluate()/_eval_predictions() when _output_dir is set: hide it from
-        # D2 and write them here instead.
-        self._atomic_output_dir, self._output_dir = self._output_dir, None
-        try:
+        if not comm.is_main_process():
             return super().evaluate(img_ids)
+        expected = len(self._coco_api.getImgIds()) if img_ids is None else len(img_ids)
+        message = (f"Evaluated {sum(counts)} images of {self._metadata.name} "
+                   f"(per process: {', '.join(map(str, counts))}; the dataset has {expected})")
+        (self._logger.info if sum(counts) == expected else self._logger.warning)(message)
+        final = self._output_dir
+        if not final:
+            return super().evaluate(img_ids)
+        os.makedirs(final, exist_ok=True)
+        self._output_dir = tempfile.mkdtemp(prefix=".writing-", dir=final)
+        try:
+            results = super().evaluate(img_ids)
+            for name in os.listdir(self._output_dir):
+                os.replace(os.path.join(self._output_dir, name), os.path.join(final, name))
+            return results
         finally:
-            self._output_dir = self._atomic_output_dir
-
-    def _eval_predictions(self, predictions, img_ids=None):
-        # Mirrors the file writing of D2 0.6's COCOEvaluator (evaluate, _eval_predictions): it opens the
-        # files in place through the global PathManager, which offers no per-evaluator seam.
-        if self._atomic_output_dir:
-            os.makedirs(self._atomic_output_dir, exist_ok=True)
-            with atomic_open(os.path.join(self._atomic_output_dir, "instances_predictions.pth"), "wb") as f:
-                torch.save(predictions, f)
-            # COCO's result format, as D2 writes it: copies, with the dataset's own category ids
-            results = [dict(r) for r in itertools.chain(*[p["instances"] for p in predictions])]
-            to_dataset_id = {v: k for k, v in getattr(self._metadata, "thing_dataset_id_to_contiguous_id", {}).items()}
-            for r in results:
-                r["category_id"] = to_dataset_id.get(r["category_id"], r["category_id"])
-            file_path = os.path.join(self._atomic_output_dir, "coco_instances_results.json")
-            self._logger.info(f"Saving results to {file_path}")
-            atomic_write_json(file_path, results)
-        super()._eval_predictions(predictions, img_ids)
+            shutil.rmtree(self._output_dir, ignore_errors=True)
+            self._output_dir = final
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
@@ -213,9 +204,11 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """D2's resume_or_load (see there), plus: the data stream continues where the checkpoint was
-        taken, ``metrics.json`` loses the lines of the iterations being repeated, and a bad
-        ``MODEL.WEIGHTS`` raises an error naming the key."""
+        taken, ``metrics.json`` loses the lines of the iterations being repeated, the partial files of killed
+        saves are removed, and a bad ``MODEL.WEIGHTS`` raises an error naming the key."""
         resuming = resume and self.checkpointer.has_checkpoint()
+        if comm.is_main_process():
+            self.checkpointer.remove_partial_files()
         try:
             self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         except CheckpointError as e:

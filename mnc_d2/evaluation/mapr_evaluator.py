@@ -1,7 +1,7 @@
 """Detectron2 ``DatasetEvaluator`` for mAP^r (mask AP at IoU 0.5 / 0.7).
 
-``process`` turns each image's ``instances.pred_masks`` into RLE on the CPU
-(as D2's ``instances_to_coco_json``); ``evaluate`` gathers them from all
+``process`` turns each image's predictions (``pred_masks``, ``pred_boxes``, ``scores``, ``pred_classes``)
+into RLE results on the CPU with D2's ``instances_to_coco_json``; ``evaluate`` gathers them from all
 workers, converts the dataset's GT (``DatasetCatalog.get(dataset_name)``) to
 RLE and calls :func:`mnc_d2.evaluation.mask_ap.evaluate_mask_ap`.
 
@@ -25,6 +25,7 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils import comm
 
 from ..utils.file_io import atomic_write_json
@@ -33,39 +34,6 @@ from .mask_ap import ASSIGNMENTS, INTERPOLATIONS, evaluate_mask_ap
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "mask_apr_results.json"
-
-
-def encode_binary_masks(masks: torch.Tensor) -> List[dict]:
-    """(R, H, W) bool / uint8 / float masks -> R RLE dicts with str counts.
-
-    Float (soft) masks are binarised at 0.5; a model that wants another
-    threshold (MNC uses 0.4) must binarise before returning its Instances.
-    """
-    masks = masks.detach().cpu()
-    if masks.is_floating_point():
-        masks = masks >= 0.5
-    masks = masks.to(torch.uint8).numpy()  # (R, H, W)
-    rles = []
-    for mask in masks:
-        rle = mask_util.encode(np.asfortranarray(mask[:, :, None]))[0]
-        rle["counts"] = rle["counts"].decode("utf-8")
-        rles.append(rle)
-    return rles
-
-
-def instances_to_mask_results(instances, image_id) -> List[dict]:
-    """D2 ``Instances`` (pred_masks, scores, pred_classes) -> prediction dicts."""
-    if len(instances) == 0:
-        return []
-    if not instances.has("pred_masks"):
-        raise KeyError("MaskAPrEvaluator needs `instances.pred_masks` (image-sized binary masks)")
-    rles = encode_binary_masks(instances.pred_masks)
-    scores = instances.scores.tolist()
-    classes = instances.pred_classes.tolist()
-    return [
-        {"image_id": image_id, "category_id": int(c), "score": float(s), "segmentation": rle}
-        for rle, s, c in zip(rles, scores, classes)
-    ]
 
 
 def annotation_to_rle(segmentation, height: Optional[int], width: Optional[int]) -> dict:
@@ -176,7 +144,9 @@ class MaskAPrEvaluator(DatasetEvaluator):
             prediction = {"image_id": input["image_id"], "instances": []}
             if "instances" in output:
                 instances = output["instances"].to(self._cpu_device)
-                prediction["instances"] = instances_to_mask_results(instances, input["image_id"])
+                if len(instances) and not instances.has("pred_masks"):
+                    raise KeyError("MaskAPrEvaluator needs `instances.pred_masks` (image-sized binary masks)")
+                prediction["instances"] = instances_to_coco_json(instances, input["image_id"])  # RLE masks
             self._predictions.append(prediction)
 
     def evaluate(self):

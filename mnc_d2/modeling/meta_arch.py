@@ -11,6 +11,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Instances
 
+from ..utils.errors import ConfigError
 from .postprocessing import mnc_postprocess
 
 
@@ -26,8 +27,8 @@ class MNC(GeneralizedRCNN):
     @classmethod
     def from_config(cls, cfg):
         if not cfg.MODEL.MASK_ON:
-            raise ValueError("MNC trains masks in stage 2: set MODEL.MASK_ON True (it is False in D2's "
-                             "Faster R-CNN configs; without it the data loader drops the masks)")
+            raise ConfigError("MODEL.MASK_ON must be True for MNC, which trains masks in stage 2 (D2's Faster R-CNN "
+                              "configs set False; without it the data loader drops the masks)")
         ret = super().from_config(cfg)
         test = cfg.MODEL.MNC.TEST
         ret.update(mask_threshold=test.MASK_THRESHOLD, mask_voting=test.MASK_VOTING, voting_iou=test.VOTING_IOU)

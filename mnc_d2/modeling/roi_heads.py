@@ -33,6 +33,7 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
+from ..utils.errors import ConfigError
 from .inference import select_candidates
 from .box_gradients import clip_box_gradient, clip_delta_gradient
 from .mask_ops import mask_loss, mask_pooled_features, mask_targets, max_pool_square, segment_iou_with_whole_gt
@@ -160,10 +161,10 @@ class MNCROIHeads(ROIHeads):
     ):
         super().__init__(**kwargs)
         if num_stages not in (3, 5):
-            raise ValueError(f"MODEL.MNC.NUM_STAGES must be 3 or 5, got {num_stages}")
+            raise ConfigError(f"MODEL.MNC.NUM_STAGES must be 3 or 5, got {num_stages}")
         if final_mask_head is not None and not masks_on_final_boxes:
-            raise ValueError("MODEL.MNC.FINAL_MASK_HEAD predicts the masks on the final boxes: it needs "
-                             "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True")
+            raise ConfigError("MODEL.MNC.FINAL_MASK_HEAD predicts the masks on the final boxes: it needs "
+                              "MODEL.MNC.TEST.MASKS_ON_FINAL_BOXES True")
         self.in_features = in_features
         self.roi_pooler = roi_pooler
         self.inference_pooler = inference_pooler  # used instead of roi_pooler when autograd is off

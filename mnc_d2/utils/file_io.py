@@ -5,32 +5,11 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 
-__all__ = ["AtomicWritesPathManager", "PARTIAL_SUFFIX", "atomic_open", "atomic_write_json", "is_local_path", "partial_writer_is_gone"]
+__all__ = ["AtomicWritesPathManager", "PARTIAL_SUFFIX", "atomic_open", "atomic_write_json", "is_local_path"]
 
-# Temporary files are ".<target name>.<host>-<pid>-<random>.partial" next to the target.
+# Temporary files are ".<target name>.<random>.partial" next to the target.
 PARTIAL_SUFFIX = ".partial"
-_HOST = socket.gethostname().replace("-", "_").replace(".", "_")
-
-
-def partial_writer_is_gone(partial_path: str) -> bool:
-    """Whether the process that writes ``partial_path`` has ended: it ran on this host and its pid is
-    not alive. Files of other hosts, of live processes, or of an unknown writer are kept."""
-    try:
-        parts = os.path.basename(partial_path)[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1].split("-")
-        host, pid = (parts[0], int(parts[1])) if len(parts) == 3 else (_HOST, int(parts[0]))  # 2: before hosts
-    except (ValueError, IndexError):
-        return False
-    if host != _HOST:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 def is_local_path(path: str) -> bool:
@@ -55,12 +34,13 @@ def _fsync_directory(directory: str) -> None:
 def atomic_open(path, mode: str = "wb"):
     """Open a temporary sibling of ``path`` for writing; on a clean exit flush, fsync and rename it over
     ``path``. On an exception the temporary file is removed and ``path`` is untouched. A kill leaves at
-    most a hidden ``*.partial`` file, which :meth:`AtomicCheckpointer.remove_partial_files` cleans."""
+    most a hidden ``*.partial`` file, which the next training run in that directory removes
+    (:meth:`AtomicCheckpointer.remove_partial_files`)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory,
-                       f".{os.path.basename(path)}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+                       f".{os.path.basename(path)}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like open()
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

@@ -9,6 +9,7 @@ import pytest
 import scipy.io
 import scipy.sparse
 import torch
+from detectron2.structures import BitMasks
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -240,6 +241,7 @@ def test_ground_truth_as_predictions_scores_full_mapr(tmp_path):
         instances.pred_masks = torch.as_tensor(np.stack([decode(a) for a in annotations]))
         instances.scores = torch.ones(len(annotations))
         instances.pred_classes = torch.tensor([a["category_id"] for a in annotations])
+        instances.pred_boxes = BitMasks(instances.pred_masks).get_bounding_boxes()
         evaluator.process([{"image_id": record["image_id"]}], [{"instances": instances}])
     metrics = evaluator.evaluate()["segm_mAPr"]
     assert metrics["mAP@0.5"] == pytest.approx(100.0) and metrics["mAP@0.7"] == pytest.approx(100.0)

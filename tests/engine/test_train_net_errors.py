@@ -73,7 +73,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, en
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
     error = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1, out.stderr[-3000:]
-    assert "No space left on device while writing" in error[0] and "model_0000002.pth" in error[0]
+    assert "model_0000002.pth ([Errno 28] No space left on device)" in error[0]
     assert "model_0000001.pth" in error[0] and "intact" in error[0]
     assert "Traceback" not in out.stderr
     assert (out_dir / "last_checkpoint").read_text() == "model_0000001.pth"

@@ -7,6 +7,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from detectron2.structures import BitMasks
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -344,6 +345,7 @@ def make_instances(height, width, masks, scores, classes):
     )
     instances.scores = torch.tensor(scores, dtype=torch.float32)
     instances.pred_classes = torch.tensor(classes, dtype=torch.int64)
+    instances.pred_boxes = BitMasks(instances.pred_masks).get_bounding_boxes()  # D2's predictions carry boxes
     return instances
 
 

