@@ -45,17 +45,24 @@ def main(args):
     register_datasets(args.dataset)  # --dataset NAME=...: before the config names it (in every process)
     cfg = setup_cfg(args)
     trainer = trainer_class(args)  # Trainer, or for a .py config (LazyConfig) a LazyTrainer
+    try:  # a run refused before training leaves its output directory as it was
+        if args.eval_only:
+            if not cfg.DATASETS.TEST:
+                raise ConfigError("--eval-only: DATASETS.TEST is empty, there is nothing to evaluate.")
+            model = trainer.build_model(cfg)
+            load_weights_for_eval(cfg, model, resume=args.resume, checkpoint_dir=args.run_dir)
+        else:
+            trainer = trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
+    except MNCError:
+        if args.output_snapshot is not None:
+            args.output_snapshot.restore()
+        raise
     if args.eval_only:
-        if not cfg.DATASETS.TEST:
-            raise ConfigError("--eval-only: DATASETS.TEST is empty, there is nothing to evaluate.")
-        model = trainer.build_model(cfg)
-        load_weights_for_eval(cfg, model, resume=args.resume, checkpoint_dir=args.run_dir)
         res = trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 

@@ -159,3 +159,20 @@ def register_tiny_shapes(tmp_path):
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run shared by the entry-point tests of weights loading: the instant config with
+    TINY_TRAIN_NET_OPTS, 2 iterations, 5 classes. Returns (run directory, its env)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    env = dict(os.environ, MNC_D2_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", INSTANT_CONFIG,
+                          *TINY_TRAIN_NET_OPTS, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
+                          "OUTPUT_DIR", str(root / "run")], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "run", env

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import logging
+import math
 import os
 
 import torch
@@ -22,12 +23,6 @@ from .warm_start import MNCWarmStartCheckpointer
 __all__ = ["AtomicCheckpointer", "trim_metrics_json"]
 
 logger = logging.getLogger(__name__)
-
-def _global_norm(state_dict) -> float:
-    """L2 norm over all floating-point tensors of a state dict."""
-    tensors = [t.detach().float() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
-    return float(torch.stack([t.norm() for t in tensors]).norm()) if tensors else 0.0
-
 
 def _describe_misfit(report: dict) -> str:
     """What of a checkpoint does not fit the model (from a warm-start report), NUM_CLASSES first."""
@@ -105,37 +100,40 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
                 "space), then continue with --resume."
             ) from None
 
+    # A checkpoint becomes last_checkpoint only once the first loss computed with its weights (that of the next
+    # iteration; for model_final, the last iteration's) is finite and <= LOSS_BOUND x the median loss of the
+    # first BASELINE_ITERS iterations of this process (docs/troubleshooting.md).
+    LOSS_BOUND = 10.0
+    BASELINE_ITERS = 20
+    pending = None  # (file name, iteration) of the checkpoint written but not yet judged
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        """fvcore's, called by ``save`` once the checkpoint is complete: skipped while training looks unhealthy."""
-        state_dict = self.model.state_dict()
-        unhealthy = self._why_not_promote(state_dict)
-        if unhealthy:
-            self.logger.warning(f"{os.path.join(self.save_dir, last_filename_basename)} was written but "
-                                f"last_checkpoint still names {self.get_checkpoint_file() or 'none'}: {unhealthy}")
-            return
-        self._promoted_norm = _global_norm(state_dict)
-        super().tag_last_checkpoint(last_filename_basename)
-
-    # A checkpoint becomes last_checkpoint only while training looks healthy (docs/troubleshooting.md):
-    LOSS_JUMP = 10.0  # the loss of its iteration <= LOSS_JUMP x the median loss of the earlier iterations
-    NORM_JUMP = 10.0  # its weights' L2 norm <= NORM_JUMP x that of the last promoted checkpoint
-    _promoted_norm = None
-
-    def _why_not_promote(self, state_dict) -> str:
-        """Why the checkpoint just written must not become last_checkpoint ("" = it may)."""
+        """fvcore's, called by ``save``: inside a trainer the checkpoint waits for :meth:`judge_pending`."""
         trainer = self.checkpointables.get("trainer")
-        storage = getattr(trainer, "storage", None) if trainer is not None else None
-        if storage is not None and "total_loss" in storage.histories():
-            losses = [v for v, _ in storage.history("total_loss").values()]
-            earlier = sorted(losses[:-1])
-            if len(earlier) >= 5 and losses[-1] > self.LOSS_JUMP * earlier[len(earlier) // 2]:
-                return (f"its iteration's loss {losses[-1]:.4g} is more than {self.LOSS_JUMP:g}x the median "
-                        f"{earlier[len(earlier) // 2]:.4g} of the earlier iterations (diverging?)")
-        norm = _global_norm(state_dict)
-        if self._promoted_norm and norm > self.NORM_JUMP * self._promoted_norm:
-            return (f"its weights' norm {norm:.4g} is more than {self.NORM_JUMP:g}x that of the last good "
-                    f"checkpoint ({self._promoted_norm:.4g}; diverging?)")
-        return ""
+        if trainer is None or getattr(trainer, "storage", None) is None:  # saved outside a training loop
+            return super().tag_last_checkpoint(last_filename_basename)
+        self.pending = (last_filename_basename, trainer.iter)
+
+    def judge_pending(self, final: bool = False) -> None:
+        """Promote the pending checkpoint to last_checkpoint, or drop it with a warning, once a loss computed with
+        its weights exists (``final``: the last iteration's loss judges model_final)."""
+        if self.pending is None:
+            return
+        name, iteration = self.pending
+        history = self.checkpointables["trainer"].storage.history("total_loss").values() \
+            if "total_loss" in self.checkpointables["trainer"].storage.histories() else []
+        judged = [loss for loss, it in history if it > iteration or (final and it == iteration)]
+        if not judged:
+            return
+        self.pending = None
+        first = sorted(loss for loss, _ in history[: self.BASELINE_ITERS])
+        bound = self.LOSS_BOUND * first[len(first) // 2]
+        if math.isfinite(judged[0]) and judged[0] <= bound:
+            return super().tag_last_checkpoint(name)
+        self.logger.warning(f"{os.path.join(self.save_dir, name)} was written but last_checkpoint still names "
+                            f"{self.get_checkpoint_file() or 'none'}: the first loss computed with its weights, "
+                            f"{judged[0]:.4g}, is above {self.LOSS_BOUND:g}x the median of the first iterations' "
+                            f"losses ({bound:.4g}; diverging?)")
 
     def remove_partial_files(self) -> list:
         """Delete the temporary files of saves that were killed. Only a training run calls this: it holds the
@@ -150,12 +148,6 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
             self.logger.warning(f"Removed {len(removed)} partial file(s) of interrupted saves: {removed}")
         return removed
 
-    def resume_or_load(self, path: str, *, resume: bool = True):
-        try:
-            return self._resume_or_load(path, resume=resume)
-        finally:  # the reference of the norm rule: the weights training starts from
-            self._promoted_norm = _global_norm(self.model.state_dict())
-
     # Resuming and evaluating need every tensor of the model from the file (a warm start may leave some fresh).
     require_complete = False
 
@@ -166,7 +158,7 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
             raise CheckpointError(f"{self._source} does not fit this model: {_describe_misfit(report)}")
         return incompatible
 
-    def _resume_or_load(self, path: str, *, resume: bool):
+    def resume_or_load(self, path: str, *, resume: bool = True):
         if resume and self.has_checkpoint():
             last = self.get_checkpoint_file()
             if is_local_path(last) and not os.path.isfile(last):

@@ -19,7 +19,8 @@ __all__ = ["WeightsUnpickler", "restricted_pickle_load", "weights_only_pickles",
 
 TRUST_ENV = "MNC_D2_TRUST_PICKLE"
 # What numpy arrays, scalars and dtypes unpickle through (numpy 1 and 2 module names), plus the
-# containers and the reconstructor of protocol-2 (Python 2) pickles.
+# containers and the reconstructor of protocol-2 (Python 2) pickles. Exact (module, attribute) pairs only: a
+# prefix rule would import (and so run) any module under it, e.g. numpy.f2py.__main__.
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -28,6 +29,7 @@ _ALLOWED = {
     ("builtins", "object"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
     ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "int"), ("builtins", "float"),
     ("builtins", "complex"), ("builtins", "str"), ("builtins", "bytes"), ("builtins", "bool"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3 (torch's weights-only unpickler allows it too)
 }
 
 
@@ -39,7 +41,7 @@ class WeightsUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED or (module.startswith("numpy") and name.startswith(("float", "int", "uint"))):
+        if (module, name) in _ALLOWED:  # exact pairs: importing a module runs its code
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"{self.source} asks to build {module}.{name}, which is not part of a weights file (dicts, lists, "

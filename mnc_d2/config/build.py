@@ -41,22 +41,36 @@ def _leaves(node, prefix: str = ""):
 
 def _file_setting(config_file: str, key: str) -> str:
     """The file of ``config_file``'s ``_BASE_`` chain that sets ``key`` (what yacs cannot say), child first."""
-    path, seen = config_file, set()
-    while path and os.path.isfile(path) and path not in seen:
-        seen.add(path)
+    for path in _base_chain(config_file):
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
-        if key in dict(_leaves(data)) if isinstance(data, dict) else False:
+        if isinstance(data, dict) and key in dict(_leaves(data)):
             return path if path == config_file else f"{path} (loaded from {config_file})"
-        base = data.get("_BASE_") if isinstance(data, dict) else None
-        path = os.path.join(os.path.dirname(path), os.path.expanduser(base)) if isinstance(base, str) else None
     return config_file
+
+
+def _base_chain(config_file: str) -> list:
+    """``config_file`` and its ``_BASE_`` files, child first, up to the first one that comes again (a cycle)."""
+    chain, path = [], config_file
+    while path and os.path.isfile(path):
+        chain.append(path)
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        path = os.path.realpath(os.path.join(os.path.dirname(path), os.path.expanduser(base))) \
+            if isinstance(base, str) and "://" not in base else None
+        if path in map(os.path.realpath, chain):
+            return chain + [path]
+    return chain
 
 
 def _merge_file(cfg: CfgNode, config_file: str) -> None:
     if not os.path.isfile(config_file):
         raise ConfigError(f"Config file {config_file} does not exist.")
     try:
+        chain = _base_chain(config_file)
+        if chain[-1] in map(os.path.realpath, chain[:-1]):  # D2's load_yaml_with_base would recurse without end
+            raise ConfigError(f"Config file {config_file}: its _BASE_ chain comes back to a file: {' -> '.join(chain)}")
         merged = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
         if not isinstance(merged, dict):
             raise ConfigError(f"Config file {config_file} is not a mapping of config keys.")
@@ -64,6 +78,8 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
             cfg.merge_from_other_cfg(CfgNode(merged))  # what D2's merge_from_file does for a current-version file
         else:
             cfg.merge_from_file(config_file)
+    except ConfigError:
+        raise
     except (KeyError, ValueError) as e:  # yacs: unknown key, type mismatch
         raise ConfigError(f"Config file {_file_setting(config_file, _yacs_key(e))}: {_reason(cfg, e)}") from None
     except yaml.YAMLError as e:

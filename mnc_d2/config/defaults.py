@@ -202,4 +202,7 @@ def add_mnc_config(cfg):
     # A training image that cannot be used (missing, corrupt, size disagreeing with its annotation):
     # "skip" (log its path, count it, train on another image) or "raise". Evaluation always raises.
     _C.MNC_RELIABILITY.BAD_TRAIN_IMAGE = "skip"
+    # Larger images (width x height, read from the file's header before decoding) are bad images: the demo skips
+    # them, training skips or raises as above, evaluation raises. Decoding one costs about 4 bytes a pixel.
+    _C.MNC_RELIABILITY.MAX_IMAGE_PIXELS = 50_000_000
     return cfg

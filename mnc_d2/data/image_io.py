@@ -53,14 +53,24 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(normalize_to_uint8(array), mode="L")
 
 
-def read_image(file_name: str, format=None) -> np.ndarray:
+DEFAULT_MAX_PIXELS = 50_000_000  # MNC_RELIABILITY.MAX_IMAGE_PIXELS
+
+
+def read_image(file_name: str, format=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """D2's ``read_image`` (EXIF orientation, conversion to ``format``) with errors that name the file:
     :class:`ImageNotFoundError` (no such file) or :class:`CorruptImageError` (cannot be decoded,
-    including truncated files, which PIL only notices when decoding)."""
+    including truncated files, which PIL only notices when decoding, or more than ``max_pixels`` pixels,
+    read from the header before decoding)."""
     try:
         with PathManager.open(file_name, "rb") as f:
             image = Image.open(f)
+            if max_pixels and image.width * image.height > max_pixels:
+                raise CorruptImageError(
+                    f"Image file {file_name} is {image.width}x{image.height} pixels, more than "
+                    f"MNC_RELIABILITY.MAX_IMAGE_PIXELS={max_pixels}; it was not decoded.", file_name)
             image.load()  # decode now, inside the try: a truncated file fails here, not later
+    except CorruptImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageNotFoundError(f"Image file {file_name} does not exist.", file_name) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

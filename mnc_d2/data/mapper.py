@@ -151,7 +151,7 @@ class RobustDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, bad_image: str = "skip", **kwargs):
+    def __init__(self, is_train: bool, *, bad_image: str = "skip", max_image_pixels: int = 50_000_000, **kwargs):
         """
         Args:
             is_train, kwargs: see D2's DatasetMapper.
@@ -161,6 +161,7 @@ class RobustDatasetMapper(DatasetMapper):
         if bad_image not in ("skip", "raise"):
             raise ValueError(f"bad_image must be 'skip' or 'raise', got {bad_image!r}")
         self.bad_image = bad_image
+        self.max_image_pixels = max_image_pixels
         self.num_skipped_images = 0
         self.num_dropped_annotations = 0
         self._consecutive_bad = 0
@@ -169,11 +170,12 @@ class RobustDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         ret["bad_image"] = cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE
+        ret["max_image_pixels"] = cfg.MNC_RELIABILITY.MAX_IMAGE_PIXELS
         return ret
 
     def read_image(self, dataset_dict: dict) -> np.ndarray:
         """The image of ``dataset_dict`` in ``self.image_format`` (override to read from elsewhere)."""
-        return read_image(dataset_dict["file_name"], format=self.image_format)
+        return read_image(dataset_dict["file_name"], format=self.image_format, max_pixels=self.max_image_pixels)
 
     def __call__(self, dataset_dict):
         """Like D2's; returns None (skip) for an unusable training image when ``bad_image == "skip"``."""

@@ -6,7 +6,7 @@ from detectron2.utils import comm
 
 from ..utils.rng import derive_seed, seed_all_rngs
 
-__all__ = ["ReproducibleRNG"]
+__all__ = ["PromoteCheckpoints", "ReproducibleRNG"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,3 +34,17 @@ class ReproducibleRNG(HookBase):
 
     def load_state_dict(self, state_dict):
         self.seed = int(state_dict["seed"])
+
+
+class PromoteCheckpoints(HookBase):
+    """Make a checkpoint last_checkpoint once the first loss computed with its weights is healthy
+    (:meth:`mnc_d2.checkpoint.AtomicCheckpointer.judge_pending`). Registered before D2's PeriodicCheckpointer, so a
+    checkpoint is judged before the next one is written."""
+
+    def after_step(self):
+        self.trainer.checkpointer.judge_pending()
+
+    def after_train(self):  # model_final: judged on the last iteration's loss
+        pending = self.trainer.checkpointer.pending
+        if pending is not None and pending[0].startswith("model_final"):
+            self.trainer.checkpointer.judge_pending(final=True)

@@ -20,7 +20,7 @@ from ..data.sampler import ResumableTrainingStream, RNGNeutralIterator
 from ..data.validation import load_dataset_dicts
 from ..evaluation import MaskAPrEvaluator
 from ..utils.errors import CheckpointError, ConfigError, MNCError
-from .hooks import ReproducibleRNG
+from .hooks import PromoteCheckpoints, ReproducibleRNG
 from .launch import check_replicas_in_sync, ddp_device_kwargs
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
 
@@ -126,9 +126,8 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
             setup_logger()
-        if cfg.TEST.EVAL_PERIOD >= 0:  # the test sets are evaluated after training: check them before it
-            for name in cfg.DATASETS.TEST:
-                load_dataset_dicts([name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        for name in cfg.DATASETS.TEST:  # the test sets are evaluated after training: check them before it
+            load_dataset_dicts([name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
@@ -146,7 +145,7 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
 
         self._rng_hook = ReproducibleRNG(training_seed(cfg))
-        self.register_hooks([self._rng_hook] + self.build_hooks())
+        self.register_hooks([self._rng_hook, PromoteCheckpoints()] + self.build_hooks())
         self._position_train_stream()
 
     @classmethod

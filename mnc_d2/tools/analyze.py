@@ -93,6 +93,9 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=["flop", "parameter"], default=["flop", "parameter"])
     parser.add_argument("--num-inputs", type=int, default=10, help="images of DATASETS.TEST[0] to average over")
     parser.add_argument("--depth", type=int, default=2, help="module-name depth of the FLOP table")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="count a randomly initialised model when MODEL.WEIGHTS is empty (its heads then run on "
+                             "whatever it detects)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config options, KEY VALUE pairs")
     args = parser.parse_args(argv)
     if args.num_inputs < 1:
@@ -110,20 +113,16 @@ def main(argv=None) -> int:
 
     from ..config import build_cfg
     from ..utils.errors import MNCError
-    from ..checkpoint.warm_start import MNCWarmStartCheckpointer
+    from ..engine.defaults import load_weights
 
     setup_logger(name="mnc_d2")
     try:
         cfg = build_cfg(args.config_file, args.opts)
+        model = build_model(cfg)
+        load_weights(model, cfg.MODEL.WEIGHTS, allow_untrained=args.allow_untrained)
     except MNCError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        MNCWarmStartCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        logger.warning("MODEL.WEIGHTS is empty: counting a randomly initialised model (its heads run on "
-                       "whatever it detects)")
     model.eval()
     if "parameter" in args.tasks:
         print(parameter_count_table(model, max_depth=3))

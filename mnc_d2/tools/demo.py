@@ -10,7 +10,9 @@ Writes into ``--output``: ``<image name>.png`` per image, ``<video name>.mp4`` p
 the dataset ``cfg.DATASETS.TEST[0]`` where they can be known: :func:`dataset_category_ids`) and ``image_ids.json`` (input image or ``video#frame`` -> the
 ``image_id`` used in the results). Images named by a number (COCO's ``000000000139.jpg``) keep that
 number as their id, so results on COCO val images can be scored against the official annotations.
-Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.WEIGHTS, MODEL.DEVICE). Images are
+Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.DEVICE) with mnc_d2's weights loader
+(:func:`mnc_d2.engine.load_weights`: no code from the file; a checkpoint that does not fit the config, or no
+``MODEL.WEIGHTS`` without ``--allow-untrained``, is an error). Images are
 read as training reads them (16-bit microscopy frames by the same percentile rule). An input that cannot
 be read is skipped with a warning naming it; the results of everything that worked are written
 (atomically) at the end, with a one-line summary. The exit status is 0 unless nothing could be
@@ -29,7 +31,6 @@ import torch
 import tqdm
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 from detectron2.utils.logger import setup_logger
@@ -58,6 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="keep detections scoring at least this (drawn and written to the json)")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="run even when MODEL.WEIGHTS is empty (a randomly initialised model)")
     add_dataset_argument(parser)  # DATASETS.TEST[0] gives the class names and the json's category ids
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
@@ -152,9 +155,11 @@ class MNCDemo:
     dropped after prediction (not through SCORE_THRESH_TEST, which also decides which candidates
     take part in MNC's mask voting)."""
 
-    def __init__(self, cfg, confidence_threshold: float = 0.5):
+    def __init__(self, cfg, confidence_threshold: float = 0.5, allow_untrained: bool = False):
+        from ..engine.defaults import MNCPredictor
+
         self.cfg = cfg
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = MNCPredictor(cfg, allow_untrained=allow_untrained)
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
         if name in DatasetCatalog.list() and not self.metadata.get("thing_classes", None):
@@ -216,13 +221,13 @@ def run(args) -> Tuple[List[dict], int, List[str]]:
     cfg = setup_cfg(args)
     images, videos = expand_inputs(args.input)
     check_output_dir(args.output)
-    demo = MNCDemo(cfg, args.confidence_threshold)
+    demo = MNCDemo(cfg, args.confidence_threshold, args.allow_untrained)
 
     image_ids = _image_ids(images)
     results, taken, done, skipped = [], set(), 0, []
     for path in tqdm.tqdm(images, desc="images", unit="image", disable=not images):
         try:
-            image = read_image(path, format="BGR")
+            image = read_image(path, format="BGR", max_pixels=cfg.MNC_RELIABILITY.MAX_IMAGE_PIXELS)
         except BadImageError as e:
             skipped.append(f"{path}: {e}")
             logger.warning(f"Skipping {path}: {e}")

@@ -187,6 +187,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-image", nargs="+", required=True, metavar="IMAGE",
                         help="images to check the export on; the first one is traced")
     parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="export even when MODEL.WEIGHTS is empty (a randomly initialised model)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config options, KEY VALUE pairs (MODEL.WEIGHTS ...)")
     return parser
 
@@ -196,17 +198,16 @@ def run(args) -> Dict:
     import mnc_d2  # noqa: F401  (registers the model parts)
     from ..data.image_io import read_image
     from ..config import build_cfg
+    from ..engine.defaults import MNCPredictor
 
     cfg = build_cfg(args.config_file, args.opts)
     if cfg.MODEL.META_ARCHITECTURE != "MNC":
         raise ConfigError(f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; "
                           "mnc_d2.export exports MNC models (use Detectron2's tools/deploy for the others)")
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     if str(args.config_file).endswith(".py"):
         raise ConfigError(f"{args.config_file}: mnc_d2.export takes a yaml config (DefaultPredictor needs one)")
     images = [read_image(path, "BGR") for path in args.sample_image]  # DefaultPredictor's input; named errors
-    eager = DefaultPredictor(cfg)
+    eager = MNCPredictor(cfg, allow_untrained=args.allow_untrained)
     os.makedirs(args.output, exist_ok=True)
     traced_on = preprocessed(eager, images[0])
     export_model(eager.model, traced_on, args.format, os.path.join(args.output, FILES[args.format]))

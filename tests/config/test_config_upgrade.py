@@ -94,3 +94,20 @@ def test_format1_run_directory_evaluates_to_the_same_ap(run, tmp_path):
         assert got[:2] == want[:2]
         assert got[2] == pytest.approx(want[2], abs=0.05) and got[3] == pytest.approx(want[3], abs=1e-4)
         assert abs(got[4] - want[4]) <= max(2, 0.01 * want[4])  # mask area in pixels
+
+
+def test_a_base_chain_that_comes_back_is_an_error(tmp_path):
+    from mnc_d2.config.lazy import load_lazy_config
+
+    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\n")
+    (tmp_path / "self.yaml").write_text("_BASE_: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: its _BASE_ chain comes back to a file: .*a.yaml -> .*b.yaml -> "
+                                          r".*a.yaml"):
+        build_cfg(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match="self.yaml -> .*self.yaml"):
+        build_cfg(str(tmp_path / "self.yaml"))
+    (tmp_path / "c.py").write_text("from .d import *\n")  # LazyConfig files that import each other
+    (tmp_path / "d.py").write_text("from .c import *\n")
+    with pytest.raises(ConfigError, match="c.py cannot be loaded: RecursionError"):
+        load_lazy_config(str(tmp_path / "c.py"))

@@ -515,3 +515,15 @@ def test_mnc_errors_are_builtin_errors_too():
     """Callers catching the builtin error keep working."""
     assert issubclass(ImageNotFoundError, FileNotFoundError) and issubclass(DatasetError, ValueError)
     assert issubclass(CorruptImageError, OSError) and issubclass(ConfigError, MNCError)
+
+
+def test_an_image_above_the_pixel_limit_is_refused_before_decoding(files, monkeypatch):
+    from PIL import Image
+
+    from mnc_d2.data.image_io import read_image
+    from mnc_d2.utils.errors import CorruptImageError
+
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(CorruptImageError, match=rf"{files['good'].name} is {SIZE}x{SIZE} pixels, more than "
+                                                r"MNC_RELIABILITY.MAX_IMAGE_PIXELS=100"):
+        read_image(str(files["good"]), "BGR", max_pixels=100)

@@ -1,0 +1,127 @@
+"""Every entry point loads weights the same safe way (train_net's evaluation, the demo, export, analyze): no code
+from a weights file runs, a checkpoint that does not fit the config is one ERROR line, and running without
+weights needs --allow-untrained."""
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import INSTANT_CONFIG, REPO, TINY_TRAIN_NET_OPTS
+from mnc_d2.checkpoint.safe_pickle import restricted_pickle_load
+from mnc_d2.utils.errors import UnsafeCheckpointError
+
+F2PY_PAYLOAD = b"cnumpy.f2py.__main__\nint\n."  # 29 bytes: importing the module runs f2py's command line
+
+
+@pytest.mark.parametrize("payload", [F2PY_PAYLOAD, b"cnumpy.testing\nint\n.", b"cnumpy.f2py\nfloat\n.",
+                                     b"cnumpy.distutils\nint\n.", b"c_pytest\nmain\n.", b"cos\nsystem\n."])
+def test_allow_list_is_exact(payload):
+    with pytest.raises(UnsafeCheckpointError, match="NOT loaded"):
+        restricted_pickle_load(io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_weights_of_every_protocol_load(protocol):
+    weights = {"a": np.zeros((2, 3), np.float32), "b": np.arange(3, dtype=np.int64), "c": np.float64(1.5),
+               "d": np.array([True]), "e": np.zeros(2, np.float16), "f": np.uint8(3)}
+    loaded = restricted_pickle_load(io.BytesIO(pickle.dumps({"model": weights, "x": [1, "s", b"b", None]},
+                                                             protocol=protocol)))
+    assert all(np.array_equal(loaded["model"][k], v) for k, v in weights.items())
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write_payload(path, kind, marker):
+    if kind == "f2py":
+        path.write_bytes(F2PY_PAYLOAD)
+        return
+    content = {"model": {"backbone.x": np.zeros(2, dtype=np.float32)}, "extra": Payload(marker)}
+    if path.suffix == ".pth":
+        torch.save(content, str(path))
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(content, f)
+
+
+def _entry_point(tool, tmp_path, image, *opts, flags=()):
+    if tool == "train_net":
+        cmd = [os.path.join(REPO, "train_net.py"), "--config-file", INSTANT_CONFIG, "--eval-only", *flags,
+               *TINY_TRAIN_NET_OPTS, "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    elif tool == "demo":
+        cmd = ["-m", "mnc_d2.tools.demo", "--config-file", INSTANT_CONFIG, "--input", str(image), "--output",
+               str(tmp_path / "demo"), *flags, "--opts", *TINY_TRAIN_NET_OPTS, *opts]
+    elif tool == "export":
+        cmd = ["-m", "mnc_d2.tools.export", "--config-file", INSTANT_CONFIG, "--format", "torchscript",
+               "--sample-image", str(image), "--output", str(tmp_path / "export"), *flags, *TINY_TRAIN_NET_OPTS, *opts]
+    else:
+        cmd = ["-m", "mnc_d2.tools.analyze", "--tasks", "parameter", "--config-file", INSTANT_CONFIG, *flags,
+               *TINY_TRAIN_NET_OPTS, *opts]
+    return [sys.executable, *cmd]
+
+
+def _run(cmd, env, tmp_path):
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def _one_error(out, *expected):
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(error) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert all(e in error[0] for e in expected), error[0]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    import cv2
+
+    path = tmp_path_factory.mktemp("image") / "a.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool, kind, suffix", [
+    ("train_net", "f2py", ".pkl"), ("demo", "system", ".pkl"), ("demo", "f2py", ".pkl"), ("demo", "system", ".pth"),
+    ("export", "system", ".pkl"), ("export", "f2py", ".pkl"), ("analyze", "system", ".pkl"),
+    ("analyze", "system", ".pth")])
+def test_payload_weights_run_no_code_in_any_entry_point(tmp_path, tiny_run, image, tool, kind, suffix):
+    _, env = tiny_run
+    marker, weights = tmp_path / "payload_ran", tmp_path / f"hostile{suffix}"
+    _write_payload(weights, kind, marker)
+    out = _run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", str(weights)), env, tmp_path)
+    assert not marker.exists(), "the file's code ran"
+    _one_error(out, str(weights), "NOT loaded")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["demo", "export", "analyze"])
+def test_a_checkpoint_that_does_not_fit_or_no_weights_is_an_error(tmp_path, tiny_run, image, tool):
+    run, env = tiny_run
+    weights = str(run / "model_final.pth")
+    out = _run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.NUM_CLASSES", "3"),
+               env, tmp_path)
+    _one_error(out, weights, "trained for 5 classes", "NUM_CLASSES 3")
+    _one_error(_run(_entry_point(tool, tmp_path, image), env, tmp_path), "MODEL.WEIGHTS is empty", "--allow-untrained")
+    if tool == "demo":  # the opt-in runs a random model; the trained weights run as before
+        assert _run(_entry_point(tool, tmp_path, image, flags=("--allow-untrained",)), env, tmp_path).returncode == 0
+        assert _run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", weights), env, tmp_path).returncode == 0
+
+
+@pytest.mark.slow
+def test_the_demo_skips_an_image_above_the_pixel_limit(tmp_path, tiny_run, image):
+    run, env = tiny_run
+    out = _run(_entry_point("demo", tmp_path, image, "MODEL.WEIGHTS", str(run / "model_final.pth"),
+                            "MNC_RELIABILITY.MAX_IMAGE_PIXELS", "1000"), env, tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]  # nothing could be processed
+    assert "64x64 pixels, more than MNC_RELIABILITY.MAX_IMAGE_PIXELS=1000" in out.stdout + out.stderr
