@@ -6,8 +6,9 @@
       box pathway(x) ++ segment pathway(x * resize(sigmoid(mask logits)))
         -> class scores (R, K+1), box deltas (R, K*4) [, segment-classifier scores (R, K+1)]
                                                                 loss_cls, loss_box_reg [, loss_seg_cls]
-Inference returns, per image, ALL scored candidates with their NMS rank (``kept_rank``); the MNC
-meta-architecture pastes / votes masks in image space (:func:`mnc_postprocess`).
+The output masks come from the output mask branch (:mod:`mnc_d2.modeling.output_masks`: the final mask head on
+the final boxes; loss_mask_final, loss_mask_refined). Inference returns, per image, ALL scored candidates with their
+NMS rank (``kept_rank``); the MNC meta-architecture pastes / votes masks in image space (:func:`mnc_postprocess`).
 
 Shape shorthand: N = images, R = RoIs over the batch, K = foreground classes, C = RoI feature
 channels, P = RoI feature side, M = mask side.
@@ -36,6 +37,7 @@ from detectron2.utils.events import get_event_storage
 from ..utils.errors import ConfigError
 from .inference import select_candidates
 from .box_gradients import clip_box_gradient, clip_delta_gradient
+from .output_masks import OutputMaskBranch
 from .mask_ops import mask_loss, mask_pooled_features, mask_targets, max_pool_square, segment_iou_with_whole_gt
 from .sampling import sample_mnc_rois
 
@@ -55,33 +57,46 @@ def rename_legacy_pathway_keys(state_dict: Dict[str, object], prefix: str) -> No
                 state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
 
 
-def _pathway_head_cfg(cfg):
-    """Config of the stage-3 pathway heads and the cascade's RoI features. D2's C4 configs have no box head
-    (Res5ROIHeads runs res5 on 14x14 RoI features instead): MNC then reads 7x7 RoI features of res4 and builds
-    the head of configs/mnc_R_50_C4_1x.yaml (conv 256 + 2 FC), and says so."""
-    if cfg.MODEL.ROI_BOX_HEAD.NAME:
-        return cfg
-    logger.warning("MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?): MNC's stages 2 and 3 read 7x7 RoI features "
-                   "and its stage-3 pathways are FastRCNNConvFCHead with NUM_CONV 1, CONV_DIM 256, NUM_FC 2, FC_DIM 1024 "
-                   "(configs/mnc_R_50_C4_1x.yaml)")
-    box_cfg = cfg.clone()
-    box_cfg.defrost()
-    head = box_cfg.MODEL.ROI_BOX_HEAD
-    head.NAME, head.NUM_CONV, head.CONV_DIM, head.NUM_FC, head.FC_DIM = "FastRCNNConvFCHead", 1, 256, 2, 1024
-    head.POOLER_RESOLUTION = 7
-    return box_cfg
+_logged_once = set()
 
 
-_logged_class_agnostic = False
+def mnc_cfg_as_built(cfg):
+    """The config MNC's ROI heads are built from: ``cfg`` with the changes MNC makes to a D2 config, each logged
+    (the one a D2 config always triggers, once per process at INFO; the others, WARNING):
 
-
-def _log_class_agnostic(cfg) -> None:
-    """Say once per process that a D2 config's per-class mask setting is read as class-agnostic."""
-    global _logged_class_agnostic
-    if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK and not _logged_class_agnostic:
-        _logged_class_agnostic = True
-        logger.info("MNC's masks are class-agnostic (one mask per RoI, scored by stage 3): its mask heads are built "
-                    "with MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True, whatever the config says (False here)")
+    * ``MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK`` True: MNC's masks are class-agnostic (one per RoI, scored by stage 3).
+    * A C4 config (no ``ROI_BOX_HEAD.NAME``; D2's Res5ROIHeads runs res5 on 14x14 RoI features): MNC reads 7x7 RoI
+      features of res4 and builds the pathways of configs/mnc_R_50_C4_1x.yaml (conv 256 + 2 FC).
+    * ``MODEL.MNC.PATHWAY_POOL`` 1 when it does not divide ``ROI_BOX_HEAD.POOLER_RESOLUTION`` (e.g. a D2 config's 7x7
+      pooler: its box head then matches D2 checkpoints).
+    """
+    built = cfg.clone()
+    built.defrost()
+    changes = []
+    if not cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK:
+        built.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+        changes.append((logging.INFO, "MNC's masks are class-agnostic (one mask per RoI, scored by stage 3): its mask "
+                                      "heads are built with MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK True, whatever the "
+                                      "config says (False here)"))
+    head = built.MODEL.ROI_BOX_HEAD
+    if not head.NAME:
+        head.NAME, head.NUM_CONV, head.CONV_DIM, head.NUM_FC, head.FC_DIM = "FastRCNNConvFCHead", 1, 256, 2, 1024
+        head.POOLER_RESOLUTION = 7
+        changes.append((logging.WARNING, "MODEL.ROI_BOX_HEAD.NAME is empty (a C4 config?): MNC's stages 2 and 3 read "
+                                         "7x7 RoI features and its stage-3 pathways are FastRCNNConvFCHead with NUM_CONV "
+                                         "1, CONV_DIM 256, NUM_FC 2, FC_DIM 1024 (configs/mnc_R_50_C4_1x.yaml)"))
+    if head.POOLER_RESOLUTION % built.MODEL.MNC.PATHWAY_POOL:
+        changes.append((logging.WARNING, f"MODEL.MNC.PATHWAY_POOL={built.MODEL.MNC.PATHWAY_POOL} does not divide "
+                                         f"MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION={head.POOLER_RESOLUTION}: the stage-3 "
+                                         f"pathways read the {head.POOLER_RESOLUTION}x{head.POOLER_RESOLUTION} RoI "
+                                         "features unpooled"))
+        built.MODEL.MNC.PATHWAY_POOL = 1
+    for level, message in changes:
+        if level > logging.INFO or message not in _logged_once:
+            _logged_once.add(message)
+            logger.log(level, message)
+    built.freeze()
+    return built
 
 
 def _build_class_agnostic_mask_head(cfg, name: str, input_shape: ShapeSpec) -> nn.Module:
@@ -90,7 +105,6 @@ def _build_class_agnostic_mask_head(cfg, name: str, input_shape: ShapeSpec) -> n
     head_cfg = cfg.clone()
     head_cfg.defrost()
     head_cfg.MODEL.ROI_MASK_HEAD.NAME = name
-    head_cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
     return build_mask_head(head_cfg, input_shape)
 
 
@@ -121,7 +135,7 @@ class StageOutputs:
 
 
 @ROI_HEADS_REGISTRY.register()
-class MNCROIHeads(ROIHeads):
+class MNCROIHeads(OutputMaskBranch, ROIHeads):
     """Stages 2-5 of MNC (see the module docstring)."""
 
     @configurable
@@ -207,10 +221,10 @@ class MNCROIHeads(ROIHeads):
                 f"MNC candidates that the MNC meta-architecture post-processes); got {cfg.MODEL.META_ARCHITECTURE}"
             )
         ret = super().from_config(cfg)
+        cfg = mnc_cfg_as_built(cfg)  # the one place MNC changes a config, logged
         mnc = cfg.MODEL.MNC
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        box_cfg = _pathway_head_cfg(cfg)
-        resolution = box_cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
         scales = tuple(1.0 / input_shape[k].stride for k in in_features)
         channels = {input_shape[f].channels for f in in_features}
         if len(channels) != 1:
@@ -231,26 +245,12 @@ class MNCROIHeads(ROIHeads):
                                            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE)
         roi_shape = ShapeSpec(channels=in_channels, height=resolution, width=resolution)
         pool = mnc.PATHWAY_POOL
-        if resolution % pool:  # e.g. a D2 config's 7x7 pooler: its box head then matches D2 checkpoints
-            logger.warning(f"MODEL.MNC.PATHWAY_POOL={pool} does not divide MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION="
-                           f"{resolution}: the stage-3 pathways read the {resolution}x{resolution} RoI features unpooled")
-            pool = 1
         pathway_shape = ShapeSpec(channels=in_channels, height=resolution // pool, width=resolution // pool)
 
-        _log_class_agnostic(cfg)
         mask_head = _build_class_agnostic_mask_head(cfg, mnc.MASK_HEAD.NAME, roi_shape)  # stage 2
-        final_mask_head = None
-        if mnc.FINAL_MASK_HEAD.ENABLED:  # D2's mask head (MODEL.ROI_MASK_HEAD) on the final boxes
-            final_shape = roi_shape
-            if mnc.FINAL_MASK_HEAD.OWN_POOLER:  # its own RoI features, as Mask R-CNN's mask head
-                final_res = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
-                ret["final_pooler"] = ROIPooler(output_size=final_res, scales=scales,
-                                                sampling_ratio=cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
-                                                pooler_type=cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE)
-                final_shape = ShapeSpec(channels=in_channels, height=final_res, width=final_res)
-            final_mask_head = _build_class_agnostic_mask_head(cfg, cfg.MODEL.ROI_MASK_HEAD.NAME, final_shape)
-        box_pathway = build_box_head(box_cfg, pathway_shape)
-        segment_pathway = build_box_head(box_cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
+        ret.update(cls.output_mask_parts(cfg, _build_class_agnostic_mask_head, roi_shape, scales))  # on final boxes
+        box_pathway = build_box_head(cfg, pathway_shape)
+        segment_pathway = build_box_head(cfg, pathway_shape) if mnc.SEGMENT_PATHWAY else None
         predictor_channels = box_pathway.output_shape.channels + (
             segment_pathway.output_shape.channels if segment_pathway else 0)
         box_predictor = FastRCNNOutputLayers(cfg, ShapeSpec(channels=predictor_channels))
@@ -267,7 +267,6 @@ class MNCROIHeads(ROIHeads):
             bg_hard_fraction=mnc.BG_HARD_FRACTION, fg_iou=cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[-1],
             refined_fg_iou=mnc.REFINED_FG_IOU, segment_mask_iou=mnc.SEGMENT_CLASSIFIER.MASK_IOU,
             segment_mask_threshold=mnc.SEGMENT_CLASSIFIER.MASK_THRESHOLD,
-            final_mask_head=final_mask_head, final_mask_loss_weight=mnc.FINAL_MASK_HEAD.LOSS_WEIGHT,
             refined_mask_loss=mnc.REFINED_MASK_LOSS,
             segment_gating=mnc.SEGMENT_GATING, masks_on_final_boxes=mnc.TEST.MASKS_ON_FINAL_BOXES,
             box_gradients=mnc.BOX_GRADIENTS.ENABLED, box_gradient_clip=mnc.BOX_GRADIENTS.CLIP,
@@ -362,13 +361,6 @@ class MNCROIHeads(ROIHeads):
             return F.max_pool2d(x, self.pathway_pool)
         return max_pool_square(x, self.pathway_pool)
 
-    def _output_mask_features(self, features: List[torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """(R, C, P', P') RoI features of the head that predicts the output masks: the final head's own pooler
-        (detached boxes) if it has one, else the cascade's RoI features."""
-        if self.final_pooler is None:
-            return self._roi_features(features, boxes)
-        return self.final_pooler(features, [Boxes(b.tensor.detach()) for b in boxes])
-
     def _mask_logits(self, roi_features: torch.Tensor, head: Optional[nn.Module] = None) -> torch.Tensor:
         """Stage 2: (R, C, P, P) -> class-agnostic mask logits (R, 1, M, M) of ``head`` (the stage-2 head)."""
         mask_logits = (head or self.mask_head).layers(roi_features)
@@ -422,13 +414,8 @@ class MNCROIHeads(ROIHeads):
                 # stage 3 reaches the mask head only through RoIs whose predicted mask is a good segment
                 mask_probs = torch.where(seg_positive[:, None, None, None], mask_probs, mask_probs.detach())
         scores, deltas, seg_scores = self._classify(roi_features, mask_probs)
-        final_features = None  # the final mask head trains on stage 2's foreground RoIs
-        if self.training and pair == 0 and self.final_mask_head is not None:
-            if self.final_pooler is None:
-                final_features = roi_features[cat([r.gt_classes for r in rois]) < self.num_classes]
-            else:  # pool only the foreground, as Mask R-CNN's mask head (RoIAlign's backward is costly on CPU)
-                fg_boxes = [r.proposal_boxes[r.gt_classes < self.num_classes] for r in rois]
-                final_features = self._output_mask_features(features, fg_boxes)  # (F, C, P', P')
+        # the final mask head trains on stage 2's foreground RoIs (output_masks.py)
+        final_features = self._final_mask_inputs(features, rois, roi_features) if self.training and pair == 0 else None
         return StageOutputs(boxes, mask_logits, mask_probs, scores, deltas, seg_scores, targets, seg_labels,
                             final_features)
 
@@ -465,9 +452,7 @@ class MNCROIHeads(ROIHeads):
                 live, gt_boxes.detach(), out.deltas, cat([r.gt_classes for r in rois]))
         losses.update({f"{k}{suffix_cls}": v for k, v in box_losses.items()})
         if out.final_features is not None:
-            final_logits = self._mask_logits(out.final_features, self.final_mask_head)  # (F, 1, M', M')
-            final_targets = self._mask_targets(rois, final_logits.shape[-1])  # (F, M', M')
-            losses["loss_mask_final"] = mask_loss(final_logits, final_targets) * self.final_mask_loss_weight
+            losses["loss_mask_final"] = self._final_mask_loss(out.final_features, rois)
         if out.seg_scores is not None:
             losses[f"loss_seg_cls{suffix_cls}"] = F.cross_entropy(out.seg_scores, out.seg_labels)
         return losses
@@ -511,19 +496,6 @@ class MNCROIHeads(ROIHeads):
         if self.training:
             return self.label_refined_boxes(refined, targets, prefix)
         return [Instances(r.image_size, proposal_boxes=b) for r, b in zip(rois, refined)]
-
-    def _refined_mask_loss(self, features: List[torch.Tensor], out: StageOutputs, rois: List[Instances],
-                           targets: List[Instances]) -> torch.Tensor:
-        """The output mask head (the final head if there is one, else stage 2's) on the foreground boxes as
-        stage 3 regressed them (detached; labelled at refined_fg_iou): the frame in which
-        masks_on_final_boxes predicts at test time."""
-        refined = self._next_rois(out, rois, targets, prefix="roi_head_refined_masks")
-        fg_rois = [r[r.gt_classes < self.num_classes] for r in refined]
-        boxes = [Boxes(r.proposal_boxes.tensor.detach()) for r in fg_rois]
-        head = self.final_mask_head or self.mask_head
-        logits = self._mask_logits(self._output_mask_features(features, boxes), head)  # (F, 1, M, M)
-        weight = self.final_mask_loss_weight if self.final_mask_head is not None else self.mask_loss_weight
-        return mask_loss(logits, self._mask_targets(fg_rois, logits.shape[-1])) * weight
 
     # ------------------------------------------------------------------ forward
     def forward(self, images, features: Dict[str, torch.Tensor], proposals: List[Instances],
@@ -580,40 +552,4 @@ class MNCROIHeads(ROIHeads):
         out.pred_masks = mask_probs[cand_rois]  # (C, 1, M, M) soft
         out.mask_boxes = Boxes(mask_boxes[cand_rois])
         out.kept_rank = kept_rank
-        return out
-
-    def _masks_on_final_boxes(self, features: List[torch.Tensor], candidates: List[Instances]) -> List[Instances]:
-        """The kept detections' masks predicted once more, on their final (regressed) boxes, by the final
-        mask head if there is one; other candidates keep the mask of their RoI (voting votes each mask in
-        the frame it was predicted in). Kept boxes thinner than refined_min_size are dropped."""
-        kept = []
-        for c in candidates:
-            degenerate = ~c.pred_boxes.nonempty(threshold=self.refined_min_size)
-            c.kept_rank[degenerate] = -1
-            kept.append(torch.nonzero(c.kept_rank >= 0).squeeze(1))  # (D,)
-        boxes = [c.pred_boxes[k] for c, k in zip(candidates, kept)]
-        mask_probs = self._mask_logits(self._output_mask_features(features, boxes), self.final_mask_head).sigmoid()
-        for c, k, probs in zip(candidates, kept, _per_image(mask_probs, [len(k) for k in kept])):
-            if c.pred_masks.shape[-2:] != probs.shape[-2:]:  # a final head of another mask size
-                c.pred_masks = F.interpolate(c.pred_masks, size=probs.shape[-2:], mode="bilinear", align_corners=False)
-            c.pred_masks[k] = probs
-            c.mask_boxes.tensor[k] = c.pred_boxes.tensor[k]
-        return candidates
-
-    def forward_with_given_boxes(self, features: Dict[str, torch.Tensor], instances: List[Instances]) -> List[Instances]:
-        """Masks for given detections (``pred_boxes``, ``pred_classes``; ``scores`` optional), predicted as
-        inference predicts the kept detections' masks: by the output mask head (the final head if there is one,
-        else the stage-2 head) on these boxes."""
-        features = [features[f] for f in self.in_features]
-        boxes = [x.pred_boxes for x in instances]
-        mask_logits = self._mask_logits(self._output_mask_features(features, boxes), self.final_mask_head)
-        out = []
-        for inst, logits in zip(instances, mask_logits.split([len(x) for x in instances])):
-            inst = Instances(inst.image_size, **inst.get_fields())
-            if not inst.has("scores"):
-                inst.scores = torch.ones(len(inst), device=logits.device)
-            inst.pred_masks = logits.sigmoid()
-            inst.mask_boxes = inst.pred_boxes
-            inst.kept_rank = torch.arange(len(inst), device=logits.device)
-            out.append(inst)
         return out
