@@ -36,7 +36,7 @@ import mnc_d2  # noqa: F401  (registers MNC's model parts and datasets)
 from mnc_d2.data.datasets.command_line import add_dataset_argument, register_datasets
 from mnc_d2.engine import load_weights_for_eval, setup_cfg, trainer_class
 from mnc_d2.utils.errors import ConfigError, MNCError
-from mnc_d2.engine.launch import launch, started_by_torchrun
+from mnc_d2.engine.launch import launch, lost_peer, started_by_torchrun
 
 EXIT_INPUT_ERROR = 2
 
@@ -67,7 +67,8 @@ def main(args):
 
 
 def main_reporting_errors(args):
-    """``main``; an MNCError ends this process with its message (no traceback) and exit status 2."""
+    """``main``; an MNCError, or another process of the job going away, ends this process with one ERROR line (no
+    traceback) and exit status 2."""
     try:
         return main(args)
     except MNCError as e:
@@ -78,6 +79,13 @@ def main_reporting_errors(args):
             message = message.rstrip().splitlines()[-1]
         rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 else ""
         print(f"ERROR{rank}: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        print(f"ERROR (process {comm.get_rank()}): lost another process of the job: {str(e).splitlines()[0][:300]} "
+              "Its own log says why. Checkpoints written so far are intact: restart every machine's command with "
+              "--resume.", file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT_ERROR)
 
 
@@ -120,5 +128,10 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(EXIT_INPUT_ERROR)
-    except mp.ProcessExitedException as e:  # a spawned process failed and printed why
+    except mp.ProcessExitedException as e:  # a spawned process failed (and printed why, unless it was killed)
+        if e.exit_code is not None and e.exit_code < 0:
+            print(f"ERROR: process {e.error_index} of the job was killed by signal {-e.exit_code} (out of memory?); "
+                  "the others were stopped. Checkpoints written so far are intact: rerun with --resume.",
+                  file=sys.stderr)
+            sys.exit(EXIT_INPUT_ERROR)
         sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)

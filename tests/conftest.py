@@ -176,3 +176,13 @@ def tiny_run(tmp_path_factory):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "run", env
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker`` (what a hostile weights file does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

@@ -101,8 +101,8 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
             ) from None
 
     # A checkpoint becomes last_checkpoint only once the first loss computed with its weights (that of the next
-    # iteration; for model_final, the last iteration's) is finite and <= LOSS_BOUND x the median loss of the
-    # first BASELINE_ITERS iterations of this process (docs/troubleshooting.md).
+    # iteration; for model_final, the last iteration's) is finite and <= LOSS_BOUND x the (lower) median loss of
+    # the iterations before that one among the first BASELINE_ITERS of this process (docs/troubleshooting.md).
     LOSS_BOUND = 10.0
     BASELINE_ITERS = 20
     pending = None  # (file name, iteration) of the checkpoint written but not yet judged
@@ -122,17 +122,18 @@ class AtomicCheckpointer(MNCWarmStartCheckpointer):  # warm starts log what load
         name, iteration = self.pending
         history = self.checkpointables["trainer"].storage.history("total_loss").values() \
             if "total_loss" in self.checkpointables["trainer"].storage.histories() else []
-        judged = [loss for loss, it in history if it > iteration or (final and it == iteration)]
+        judged = [(loss, it) for loss, it in history if it > iteration or (final and it == iteration)]
         if not judged:
             return
         self.pending = None
-        first = sorted(loss for loss, _ in history[: self.BASELINE_ITERS])
-        bound = self.LOSS_BOUND * first[len(first) // 2]
-        if math.isfinite(judged[0]) and judged[0] <= bound:
+        loss, judged_at = judged[0]
+        baseline = sorted(value for value, it in history[: self.BASELINE_ITERS] if it < judged_at) or [loss]
+        bound = self.LOSS_BOUND * baseline[(len(baseline) - 1) // 2]  # the lower median
+        if math.isfinite(loss) and loss <= bound:
             return super().tag_last_checkpoint(name)
         self.logger.warning(f"{os.path.join(self.save_dir, name)} was written but last_checkpoint still names "
                             f"{self.get_checkpoint_file() or 'none'}: the first loss computed with its weights, "
-                            f"{judged[0]:.4g}, is above {self.LOSS_BOUND:g}x the median of the first iterations' "
+                            f"{loss:.4g}, is above {self.LOSS_BOUND:g}x the median of the earlier iterations' "
                             f"losses ({bound:.4g}; diverging?)")
 
     def remove_partial_files(self) -> list:

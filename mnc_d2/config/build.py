@@ -106,13 +106,15 @@ def _merge_opts(cfg: CfgNode, opts) -> None:
         raise ConfigError(f"Command-line option {key} {pairs.get(key, '')}: {_reason(cfg, e)}") from None
 
 
-def _check_values(cfg) -> None:
+def check_values(cfg) -> None:
     """Values the model would reject deep in its constructor, reported as the config key (the model's own
     checks, e.g. MODEL.MNC.NUM_STAGES and MODEL.MASK_ON, raise a ConfigError themselves)."""
     mnc = cfg.MODEL.MNC
     problems = {
         "MNC_RELIABILITY.BAD_TRAIN_IMAGE": (cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE not in ("skip", "raise"),
                                             "must be 'skip' or 'raise'"),
+        "SOLVER.IMS_PER_BATCH": (cfg.SOLVER.IMS_PER_BATCH < 1, "must be >= 1"),
+        "SOLVER.MAX_ITER": (cfg.SOLVER.MAX_ITER < 0, "must be >= 0"),
         "MODEL.MNC.MASK_HEAD.CONV_KERNEL": (mnc.MASK_HEAD.CONV_KERNEL not in (1, 3, 5, 7), "must be 1, 3, 5 or 7"),
         "MODEL.MNC.BOX_GRADIENTS.DELTA_CLIP": (mnc.BOX_GRADIENTS.DELTA_CLIP < 0, "must be >= 0 (0 = off)"),
     }
@@ -137,6 +139,6 @@ def build_cfg(config_file: str, opts=()):
     if config_file:
         _merge_file(cfg, config_file)
     _merge_opts(cfg, list(opts or ()))
-    _check_values(cfg)
+    check_values(cfg)
     cfg.freeze()
     return cfg

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from detectron2.config import LazyConfig, get_cfg
 
 from ..utils.errors import ConfigError
+from .build import check_values
 from .defaults import add_mnc_config
 
 __all__ = ["MISSING", "is_lazy_config", "load_lazy_config", "trainer_cfg"]
@@ -84,23 +85,33 @@ def load_lazy_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def trainer_cfg(lazy: DictConfig):
-    """The trainer's yacs config: the loop's settings of ``lazy`` (train.*, the batch, the datasets)."""
+    """The trainer's yacs config: the loop's settings of ``lazy`` (train.*, the batch, the datasets), type-checked by
+    yacs; a bad value is a ConfigError naming the file and the Python config's key."""
     train, loaders = lazy.train, lazy.dataloader
-    cfg = add_mnc_config(get_cfg())
-    cfg.OUTPUT_DIR = train.output_dir
-    cfg.MODEL.WEIGHTS = train.init_checkpoint
-    cfg.MODEL.DEVICE = train.device
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = lazy.model.roi_heads.num_classes
-    cfg.SOLVER.MAX_ITER = train.max_iter
-    cfg.SOLVER.AMP.ENABLED = train.amp.enabled
-    cfg.SOLVER.CHECKPOINT_PERIOD = train.checkpointer.period
-    cfg.SOLVER.IMS_PER_BATCH = loaders.train.total_batch_size
-    cfg.TEST.EVAL_PERIOD = train.eval_period
-    cfg.SEED = train.seed
-    cfg.DATALOADER.NUM_WORKERS = loaders.train.get("num_workers", 0)
     names = loaders.train.names
-    cfg.DATASETS.TRAIN = (names,) if isinstance(names, str) else tuple(names)
-    cfg.DATASETS.TEST = (loaders.test.name,) + tuple(lazy.get("extra_test_names", []) or [])
-    cfg.MNC_RELIABILITY.BAD_TRAIN_IMAGE = loaders.train.mapper.get("bad_image", "skip")
+    settings = {  # yacs key: (the Python config's key, value)
+        "OUTPUT_DIR": ("train.output_dir", train.output_dir),
+        "MODEL.WEIGHTS": ("train.init_checkpoint", train.init_checkpoint),
+        "MODEL.DEVICE": ("train.device", train.device),
+        "MODEL.ROI_HEADS.NUM_CLASSES": ("model.roi_heads.num_classes", lazy.model.roi_heads.num_classes),
+        "SOLVER.MAX_ITER": ("train.max_iter", train.max_iter),
+        "SOLVER.AMP.ENABLED": ("train.amp.enabled", train.amp.enabled),
+        "SOLVER.CHECKPOINT_PERIOD": ("train.checkpointer.period", train.checkpointer.period),
+        "SOLVER.IMS_PER_BATCH": ("dataloader.train.total_batch_size", loaders.train.total_batch_size),
+        "TEST.EVAL_PERIOD": ("train.eval_period", train.eval_period),
+        "SEED": ("train.seed", train.seed),
+        "DATALOADER.NUM_WORKERS": ("dataloader.train.num_workers", loaders.train.get("num_workers", 0)),
+        "DATASETS.TRAIN": ("dataloader.train.names", (names,) if isinstance(names, str) else tuple(names)),
+        "DATASETS.TEST": ("dataloader.test.name", (loaders.test.name,) + tuple(lazy.get("extra_test_names", []) or [])),
+        "MNC_RELIABILITY.BAD_TRAIN_IMAGE": ("dataloader.train.mapper.bad_image", loaders.train.mapper.get("bad_image", "skip")),
+    }
+    cfg = add_mnc_config(get_cfg())
+    try:
+        cfg.merge_from_list([item for key, (_, value) in settings.items() for item in (key, value)])
+        check_values(cfg)
+    except (ValueError, KeyError) as e:
+        key = next((k for k in settings if k in str(e)), None)
+        where = f"{settings[key][0]}={settings[key][1]!r}: " if key else ""
+        raise ConfigError(f"Config file {lazy.get('config_file')}: {where}{e}") from None
     cfg.freeze()
     return cfg

@@ -152,6 +152,26 @@ def drop_missing_images(name: str, dicts: List[dict], *, raise_error: bool) -> L
     return [d for d in dicts if d["file_name"] not in missing]
 
 
+def check_image_headers(name: str, dicts: Sequence[dict]) -> None:
+    """A test set's images, from their headers only: each must be an image of its record's size (an evaluation on
+    a silently smaller set would be wrong, so this runs before training, not after it)."""
+    from PIL import Image
+
+    for record in dicts:
+        file_name = record["file_name"]
+        if "://" in file_name:
+            continue
+        try:
+            with Image.open(file_name) as image:
+                size = image.size
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"Dataset {name!r}: image {file_name} cannot be read ({type(e).__name__}: {e})") from None
+        expected = (record.get("width", size[0]), record.get("height", size[1]))
+        if size != expected and size[::-1] != expected:  # an EXIF rotation may swap them
+            raise DatasetError(f"Dataset {name!r}: image {file_name} is {size[0]}x{size[1]} (WxH) but its record says "
+                               f"{expected[0]}x{expected[1]}")
+
+
 def load_dataset_dicts(
     names: Sequence[str],
     *,
@@ -182,6 +202,8 @@ def load_dataset_dicts(
         dicts = load_dataset(name)
         validate_dataset_dicts(name, dicts, num_classes)
         per_dataset.append(drop_missing_images(name, dicts, raise_error=not is_train or bad_image == "raise"))
+        if not is_train:
+            check_image_headers(name, per_dataset[-1])
     dicts = list(itertools.chain.from_iterable(per_dataset))
 
     if is_train and require_masks and not any("segmentation" in a for d in dicts for a in d.get("annotations", [])):

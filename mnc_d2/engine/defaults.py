@@ -4,6 +4,7 @@ import datetime
 import logging
 import os
 import shutil
+import socket
 
 from detectron2.engine import DefaultPredictor, default_setup
 from detectron2.utils import comm
@@ -128,6 +129,7 @@ def setup_cfg(args):
         acquire_output_dir_lock(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mnc_d2", abbrev_name="mnc")
+    logger.info(f"Process {comm.get_rank()} of {comm.get_world_size()}: host {socket.gethostname()}, pid {os.getpid()}")
     if args.lazy_config is not None and cfg.OUTPUT_DIR and comm.is_main_process():
         from detectron2.config import LazyConfig
 

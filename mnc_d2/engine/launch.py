@@ -26,11 +26,16 @@ from detectron2.engine.launch import _find_free_port
 from detectron2.engine.launch import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["launch", "started_by_torchrun", "ddp_device_kwargs", "state_dict_digest", "check_replicas_in_sync"]
+__all__ = ["launch", "lost_peer", "started_by_torchrun", "ddp_device_kwargs", "state_dict_digest", "check_replicas_in_sync"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says another process of a multi-process job went away (killed, crashed, unreachable)."""
+    return comm.get_world_size() > 1 and (isinstance(error, dist.DistError) or "closed by peer" in str(error))
 
 
 def started_by_torchrun() -> bool:

@@ -37,9 +37,12 @@ def acquire_output_dir_lock(directory: str) -> str:
     directory = os.path.abspath(directory)
     if directory in _held:
         return os.path.join(directory, LOCK_NAME)
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
-    f = open(path, "a+", encoding="utf-8")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:  # a regular file, a read-only or full disk
+        raise ConfigError(f"OUTPUT_DIR {directory} cannot hold the run: {e.strerror or e} ({e.filename or path})") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

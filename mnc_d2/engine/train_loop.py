@@ -24,8 +24,8 @@ __all__ = ["GuardedSimpleTrainer", "GuardedAMPTrainer", "non_finite_parameters"]
 
 _MAX_NAMED = 5  # parameter names listed in one message
 _ADVICE = (
-    "No update was applied at this iteration and no checkpoint holds these values; OUTPUT_DIR/last_checkpoint "
-    "names the last good one. Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or set "
+    "No update was applied at this iteration and no checkpoint holds these values; OUTPUT_DIR/last_checkpoint, if "
+    "the run wrote one, names the last good checkpoint. Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or set "
     "SOLVER.CLIP_GRADIENTS.ENABLED True, then resume with --resume."
 )
 
@@ -95,8 +95,8 @@ class _NonFiniteGuard:
             names = ", ".join(bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")
             raise NonFiniteError(
                 f"The optimizer step of iteration {self.iter} made {len(bad)} weight(s) non-finite: {names}. "
-                "Training stops before any checkpoint is saved with them; OUTPUT_DIR/last_checkpoint names "
-                "the last good one. Lower SOLVER.BASE_LR or set SOLVER.CLIP_GRADIENTS.ENABLED True."
+                "Training stops before any checkpoint is saved with them; OUTPUT_DIR/last_checkpoint, if the run "
+                "wrote one, names the last good checkpoint. Lower SOLVER.BASE_LR or set SOLVER.CLIP_GRADIENTS.ENABLED True."
             )
 
 

@@ -21,7 +21,7 @@ from ..data.validation import load_dataset_dicts
 from ..evaluation import MaskAPrEvaluator
 from ..utils.errors import CheckpointError, ConfigError, MNCError
 from .hooks import PromoteCheckpoints, ReproducibleRNG
-from .launch import check_replicas_in_sync, ddp_device_kwargs
+from .launch import check_replicas_in_sync, ddp_device_kwargs, lost_peer
 from .train_loop import GuardedAMPTrainer, GuardedSimpleTrainer
 
 __all__ = ["Trainer", "build_evaluator", "ensure_dataset_files", "training_seed", "AtomicCOCOEvaluator"]
@@ -126,11 +126,10 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called for d2
             setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)  # first: the model checks its config keys
         for name in cfg.DATASETS.TEST:  # the test sets are evaluated after training: check them before it
             load_dataset_dicts([name], is_train=False, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-
-        model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
@@ -236,8 +235,8 @@ class Trainer(DefaultTrainer):
 
 
 class _MNCErrorWithoutTraceback(logging.Filter):
-    """D2's TrainerBase.train logs any exception with its traceback; an MNCError (bad data, NaN loss) is
-    logged as its message instead: it names the problem, a traceback would only bury it."""
+    """D2's TrainerBase.train logs any exception with its traceback; an MNCError (bad data, NaN loss) or a lost
+    process of the job is logged as its message instead: it names the problem, a traceback would only bury it."""
 
     def __init__(self, trainer):
         super().__init__()
@@ -245,7 +244,7 @@ class _MNCErrorWithoutTraceback(logging.Filter):
 
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, MNCError):
+        if isinstance(error, MNCError) or (error is not None and lost_peer(error)):
             record.msg = f"Training stopped at iteration {self.trainer.iter}: {error}"
             record.args, record.exc_info = (), None
         return True

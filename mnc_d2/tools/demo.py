@@ -14,8 +14,8 @@ Uses D2's DefaultPredictor (resizing to INPUT.MIN_SIZE_TEST, MODEL.DEVICE) with 
 (:func:`mnc_d2.engine.load_weights`: no code from the file; a checkpoint that does not fit the config, or no
 ``MODEL.WEIGHTS`` without ``--allow-untrained``, is an error). Images are
 read as training reads them (16-bit microscopy frames by the same percentile rule). An input that cannot
-be read is skipped with a warning naming it; the results of everything that worked are written
-(atomically) at the end, with a one-line summary. The exit status is 0 unless nothing could be
+be read is skipped with a warning naming it; the results are written (atomically) after every input, so a failure
+later (a full disk) keeps those of the inputs before it; a one-line summary ends the run. The exit status is 0 unless nothing could be
 processed (1) or the command line, config, weights or output directory cannot be used (2, one ERROR line).
 """
 import argparse
@@ -37,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from ..utils.file_io import atomic_write_json
+from ..utils.file_io import atomic_write_json, check_output_dir
 from ..data.datasets.command_line import add_dataset_argument, register_datasets
 from ..data.image_io import read_image
 from ..utils.errors import BadImageError, ConfigError, MissingInputError, MNCError
@@ -78,18 +78,6 @@ def setup_cfg(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: add --opts MODEL.DEVICE cpu")
     return cfg
-
-
-def check_output_dir(directory: str) -> None:
-    """Create ``directory`` and check that files can be written there, before any inference."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".mnc_d2_demo_write_test.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--output {directory}: cannot write there ({e.strerror or e}).") from None
 
 
 def expand_inputs(patterns: List[str]) -> Tuple[List[str], List[str]]:
@@ -225,6 +213,15 @@ def run(args) -> Tuple[List[dict], int, List[str]]:
 
     image_ids = _image_ids(images)
     results, taken, done, skipped = [], set(), 0, []
+
+    def save():  # after every input, atomically: a failure later keeps what was done so far
+        try:
+            atomic_write_json(os.path.join(args.output, "coco_results.json"), results)
+            atomic_write_json(os.path.join(args.output, "image_ids.json"), image_ids)
+        except OSError as e:
+            raise ConfigError(f"--output {args.output}: cannot write its results ({e.strerror or e}); "
+                              f"coco_results.json holds those of the inputs before this one ({done} done).") from None
+
     for path in tqdm.tqdm(images, desc="images", unit="image", disable=not images):
         try:
             image = read_image(path, format="BGR", max_pixels=cfg.MNC_RELIABILITY.MAX_IMAGE_PIXELS)
@@ -235,9 +232,11 @@ def run(args) -> Tuple[List[dict], int, List[str]]:
         instances = demo.predict(image)
         out_file = os.path.join(args.output, _unique_name(path, ".png", taken))
         if not cv2.imwrite(out_file, demo.draw(image, instances)):
-            raise ConfigError(f"--output {args.output}: cannot write {out_file}.")
+            raise ConfigError(f"--output {args.output}: cannot write {out_file} (a full disk?); coco_results.json "
+                              f"holds the results of the inputs before it ({done} done).")
         results.extend(demo.coco_results(instances, image_ids[path]))
         done += 1
+        save()
     next_id = max(image_ids.values(), default=-1) + 1
     for path in videos:
         frames_before = len(image_ids)
@@ -249,9 +248,8 @@ def run(args) -> Tuple[List[dict], int, List[str]]:
             skipped.append(f"{path}: {e}")
             logger.warning(f"Skipping {path}: {e}")
         next_id += len(image_ids) - frames_before
-
-    atomic_write_json(os.path.join(args.output, "coco_results.json"), results)
-    atomic_write_json(os.path.join(args.output, "image_ids.json"), image_ids)
+        save()
+    save()
     return results, done, skipped
 
 

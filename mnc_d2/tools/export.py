@@ -38,7 +38,7 @@ from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, Instances
 
-from ..utils.file_io import atomic_write_json
+from ..utils.file_io import atomic_write_json, check_output_dir
 from ..utils.errors import ConfigError, MNCError
 from ..modeling.postprocessing import mnc_postprocess
 
@@ -200,15 +200,15 @@ def run(args) -> Dict:
     from ..config import build_cfg
     from ..engine.defaults import MNCPredictor
 
+    if str(args.config_file).endswith(".py"):
+        raise ConfigError(f"{args.config_file}: mnc_d2.export takes a yaml config (DefaultPredictor needs one)")
     cfg = build_cfg(args.config_file, args.opts)
     if cfg.MODEL.META_ARCHITECTURE != "MNC":
         raise ConfigError(f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; "
                           "mnc_d2.export exports MNC models (use Detectron2's tools/deploy for the others)")
-    if str(args.config_file).endswith(".py"):
-        raise ConfigError(f"{args.config_file}: mnc_d2.export takes a yaml config (DefaultPredictor needs one)")
     images = [read_image(path, "BGR") for path in args.sample_image]  # DefaultPredictor's input; named errors
     eager = MNCPredictor(cfg, allow_untrained=args.allow_untrained)
-    os.makedirs(args.output, exist_ok=True)
+    check_output_dir(args.output)
     traced_on = preprocessed(eager, images[0])
     export_model(eager.model, traced_on, args.format, os.path.join(args.output, FILES[args.format]))
     atomic_write_json(os.path.join(args.output, SETTINGS_FILE),

@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 
-__all__ = ["AtomicWritesPathManager", "PARTIAL_SUFFIX", "atomic_open", "atomic_write_json", "is_local_path"]
+__all__ = ["AtomicWritesPathManager", "PARTIAL_SUFFIX", "atomic_open", "atomic_write_json", "check_output_dir", "is_local_path"]
 
 # Temporary files are ".<target name>.<random>.partial" next to the target.
 PARTIAL_SUFFIX = ".partial"
@@ -75,3 +75,16 @@ def atomic_write_json(path, obj, **json_kwargs) -> None:
     """``json.dump(obj, **json_kwargs)`` into ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "w") as f:
         json.dump(obj, f, **json_kwargs)
+
+
+def check_output_dir(directory: str) -> None:
+    """Create ``directory`` and check that files can be written there, before any work (a tool's ``--output``)."""
+    from .errors import ConfigError
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with atomic_open(os.path.join(directory, ".mnc_d2_write_test"), "w") as f:
+            f.write("ok")
+        os.remove(os.path.join(directory, ".mnc_d2_write_test"))
+    except OSError as e:
+        raise ConfigError(f"--output {directory}: cannot write there ({e.strerror or e}).") from None

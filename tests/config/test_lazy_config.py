@@ -153,3 +153,14 @@ def test_a_nan_loss_stops_a_lazy_run_before_the_update(tmp_path, register_tiny_s
         trainer.train()
     assert (tmp_path / "out" / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_loop_value_is_an_error_line_before_anything_is_written(tmp_path, env):
+    out_dir = tmp_path / "out"
+    for override, expected in [("train.max_iter=abc", "train.max_iter='abc': Type mismatch"),
+                               ("dataloader.train.total_batch_size=0", "dataloader.train.total_batch_size=0: SOLVER.IMS_PER_BATCH must")]:
+        out = _train_net("--config-file", LAZY_INSTANT_CONFIG, override, f"train.output_dir={out_dir}", env=env)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert f"ERROR: Config file {LAZY_INSTANT_CONFIG}: {expected}" in out.stderr
+        assert not out_dir.exists()

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, small_cfg
+from conftest import REPO
 from detectron2.checkpoint import DetectionCheckpointer
+
+from mnc_d2.config import build_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from mnc_d2.data.datasets import generate_split
@@ -110,9 +112,7 @@ def test_demo_takes_the_class_ids_of_a_command_line_dataset(tmp_path, coco_split
     shifted.write_text(json.dumps(data))
     root = tmp_path / "weights"
     root.mkdir()
-    cfg = small_cfg()
-    cfg.merge_from_file(DEMO_CONFIG)
-    cfg.merge_from_list(SMALL_OPTS)
+    cfg = build_cfg(DEMO_CONFIG, [str(o) for o in SMALL_OPTS])  # the config the demo's command line builds
     DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("model")
     cmd = [sys.executable, "-m", "mnc_d2.demo", "--config-file", DEMO_CONFIG, "--input", images,
            "--output", str(tmp_path / "out"), "--confidence-threshold", "0.0", "--dataset", f"mine={shifted}:{images}",

@@ -125,3 +125,88 @@ def test_num_gpus_without_cuda_points_to_num_processes(monkeypatch):
     args = train_net.argument_parser().parse_args(["--num-gpus", "2", "--config-file", CONFIG])
     with pytest.raises(ConfigError, match="--num-gpus 2: CUDA is not available. Use --num-processes 2"):
         train_net.launch_from_args(args)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_machines(out_dir, env, *opts):
+    """train_net.py as machine ranks 0 and 1 of a 2-machine job on loopback (one Gloo process each; one thread, as
+    each of the 2-process run's processes gets), sharing OUTPUT_DIR as machines share a file system."""
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    return [subprocess.Popen([sys.executable, os.path.join(REPO, "train_net.py"), "--num-processes", "1",
+                              "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+                              "--config-file", CONFIG, *TINY, *opts, "OUTPUT_DIR", str(out_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env=dict(env, OMP_NUM_THREADS="1")) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_train_as_two_processes(trained, env, tmp_path):
+    out_dir = tmp_path / "two_machines"
+    for machine in _two_machines(out_dir, env):
+        out, err = machine.communicate(timeout=600)
+        assert machine.returncode == 0, out[-3000:] + err[-3000:]
+    text = (out_dir / "log.txt").read_text()
+    assert "All 2 processes hold identical weights" in text
+    final = torch.load(str(out_dir / "model_final.pth"), weights_only=True)["model"]
+    one_machine = torch.load(str(trained[0] / "model_final.pth"), weights_only=True)["model"]
+    assert all(torch.equal(final[k], one_machine[k]) for k in final)  # same ranks, same data, same maths
+
+
+@pytest.mark.slow
+def test_a_killed_machine_stops_the_other_with_one_error_line(env, tmp_path):
+    import time
+
+    out_dir = tmp_path / "killed"
+    rank0, rank1 = _two_machines(out_dir, env, "SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "2",
+                                 "DATASETS.TEST", "()")
+    try:
+        deadline = time.time() + 300
+        while not list(out_dir.glob("model_0000003.pth")) and time.time() < deadline and rank0.poll() is None:
+            time.sleep(0.5)
+        assert list(out_dir.glob("model_0000003.pth")), "training did not start"
+        rank1.kill()
+        killed_at = time.time()
+        out, err = rank0.communicate(timeout=120)
+        assert time.time() - killed_at < 60
+    finally:
+        for machine in (rank0, rank1):
+            machine.kill()
+    assert rank0.returncode == 2, out[-2000:] + err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "lost another process of the job" in errors[0] and "Traceback" not in err, err[-3000:]
+    last = (out_dir / "last_checkpoint").read_text().strip()
+    assert torch.load(str(out_dir / last), weights_only=True)["model"]  # intact
+
+
+@pytest.mark.slow
+def test_a_killed_spawned_process_is_one_error_line(env, tmp_path):
+    import signal
+    import time
+
+    out_dir = tmp_path / "killed_process"
+    job = subprocess.Popen([sys.executable, os.path.join(REPO, "train_net.py"), "--num-processes", "2", "--dist-url",
+                            "auto", "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD",
+                            "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out_dir)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        deadline = time.time() + 300
+        while not (out_dir / "log.txt.rank1").exists() or not list(out_dir.glob("model_0000003.pth")):
+            assert time.time() < deadline and job.poll() is None, "training did not start"
+            time.sleep(0.5)
+        rank1 = re.findall(r"Process 1 of 2: host \S+, pid (\d+)", (out_dir / "log.txt.rank1").read_text())
+        pid = int(rank1[0]) if rank1 else None
+        assert pid, "the log of process 1 names no pid"
+        os.kill(pid, signal.SIGKILL)
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors and "killed by signal 9" in errors[-1], err[-3000:]

@@ -118,12 +118,20 @@ import runpy, sys
 from detectron2.data import DatasetCatalog, MetadataCatalog
 DatasetCatalog.register("an_empty_val", lambda: [])
 MetadataCatalog.get("an_empty_val").set(thing_classes=["a"], evaluator_type="coco")
+import numpy as np, os, PIL.Image
+folder = os.path.dirname(sys.argv[0])
+open(os.path.join(folder, "zero_bytes.png"), "wb").close()
+PIL.Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(os.path.join(folder, "wrong_size.png"))
+for name in ("zero_bytes", "wrong_size"):
+    DatasetCatalog.register(f"a_{name}_val", lambda n=name: [{"file_name": os.path.join(folder, n + ".png"),
+                            "image_id": 0, "height": 64, "width": 64, "annotations": []}])
+    MetadataCatalog.get(f"a_{name}_val").set(thing_classes=["a"], evaluator_type="coco")
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("dataset", ["not_registered_val", "an_empty_val"])
+@pytest.mark.parametrize("dataset", ["not_registered_val", "an_empty_val", "a_zero_bytes_val", "a_wrong_size_val"])
 def test_bad_test_dataset_is_reported_before_the_first_iteration(tmp_path, env, dataset):
     out_dir = tmp_path / "run"
     runner = tmp_path / "runner.py"
@@ -217,3 +225,15 @@ def test_input_errors_are_one_error_line_not_a_traceback(tmp_path, env, case):
     error = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1 and expected in error[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+
+
+def test_unusable_output_dir_and_bad_batch_are_one_error_line(tmp_path, env):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    for out_dir, opts, expected in [(blocked, (), "cannot hold the run"),
+                                    (tmp_path / "run", ("SOLVER.IMS_PER_BATCH", "0"), "SOLVER.IMS_PER_BATCH must be >= 1")]:
+        out = _train(out_dir, env, "SOLVER.MAX_ITER", "2", *opts)
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
+        assert len(errors) == 1 and expected in errors[0] and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert blocked.read_text() == "not a folder" and not (tmp_path / "run").exists()

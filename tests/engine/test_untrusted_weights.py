@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_NET_OPTS
+from conftest import Payload, REPO, TINY_TRAIN_NET_OPTS
 
 CONFIG = os.path.join(REPO, "configs", "quick_schedules", "mnc_R18_GN_FPN_shapes_instant_test.yaml")
-
-
-class Payload:
-    """Unpickling this runs a shell command (what a hostile weights file does)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _eval_only(weights, out_dir, env):

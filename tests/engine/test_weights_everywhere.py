@@ -2,6 +2,7 @@
 from a weights file runs, a checkpoint that does not fit the config is one ERROR line, and running without
 weights needs --allow-untrained."""
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import INSTANT_CONFIG, REPO, TINY_TRAIN_NET_OPTS
+from conftest import Payload, INSTANT_CONFIG, REPO, TINY_TRAIN_NET_OPTS
 from mnc_d2.checkpoint.safe_pickle import restricted_pickle_load
 from mnc_d2.utils.errors import UnsafeCheckpointError
 
@@ -32,14 +33,6 @@ def test_weights_of_every_protocol_load(protocol):
     loaded = restricted_pickle_load(io.BytesIO(pickle.dumps({"model": weights, "x": [1, "s", b"b", None]},
                                                              protocol=protocol)))
     assert all(np.array_equal(loaded["model"][k], v) for k, v in weights.items())
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _write_payload(path, kind, marker):
@@ -125,3 +118,38 @@ def test_the_demo_skips_an_image_above_the_pixel_limit(tmp_path, tiny_run, image
                             "MNC_RELIABILITY.MAX_IMAGE_PIXELS", "1000"), env, tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]  # nothing could be processed
     assert "64x64 pixels, more than MNC_RELIABILITY.MAX_IMAGE_PIXELS=1000" in out.stdout + out.stderr
+
+
+DEMO_FULL_DISK = """
+import runpy, sys
+import cv2
+written = []
+def imwrite(path, image):  # the disk fills up after the first visualisation
+    written.append(path)
+    return len(written) == 1 and _imwrite(path, image)
+_imwrite, cv2.imwrite = cv2.imwrite, imwrite
+sys.argv = ["demo"] + sys.argv[1:]
+runpy.run_module("mnc_d2.tools.demo", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_outputs_that_cannot_be_written_are_one_error_line_and_keep_what_was_done(tmp_path, tiny_run, image):
+    run, env = tiny_run
+    weights = ("MODEL.WEIGHTS", str(run / "model_final.pth"))
+    runner = tmp_path / "full_disk_demo.py"
+    runner.write_text(DEMO_FULL_DISK)
+    second = tmp_path / "b.png"
+    second.write_bytes(image.read_bytes())
+    out = _run([sys.executable, str(runner), "--config-file", INSTANT_CONFIG, "--input", str(image), str(second),
+                "--output", str(tmp_path / "demo"), "--opts", *TINY_TRAIN_NET_OPTS, *weights], env, tmp_path)
+    _one_error(out, "cannot write", "b.png", "1 done")
+    results = json.loads((tmp_path / "demo" / "coco_results.json").read_text())
+    assert {r["image_id"] for r in results} <= {0}  # the first input's results were kept
+    assert json.loads((tmp_path / "demo" / "image_ids.json").read_text())
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    export = _entry_point("export", tmp_path, image, *weights)
+    export[export.index(str(tmp_path / "export"))] = str(blocked / "export")
+    _one_error(_run(export, env, tmp_path), "--output", "cannot write there")

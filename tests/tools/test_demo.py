@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from detectron2.checkpoint import DetectionCheckpointer
+
+from mnc_d2.config import build_cfg
 from detectron2.modeling import build_model
 
-from conftest import INSTANT_CONFIG, SMALL_OPTS, REPO, small_cfg
+from conftest import INSTANT_CONFIG, SMALL_OPTS, REPO
 from detectron2.data import Metadata
 
 from mnc_d2.tools.demo import _image_ids, dataset_category_ids, expand_inputs
@@ -43,9 +45,7 @@ def inputs(tmp_path_factory):
     for i in range(3):
         writer.write(_image(10 + i))
     writer.release()
-    cfg = small_cfg()
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(SMALL_OPTS)
+    cfg = build_cfg(CONFIG, [str(o) for o in SMALL_OPTS])  # the config the demo's command line builds
     weights = root / "model.pth"
     DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("model")
     return root, str(images), video, str(weights)
