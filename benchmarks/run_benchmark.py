@@ -141,12 +141,36 @@ MODELS.update({
                                  "True")),
 })
 
+# What the cascade adds (docs/results.md): MNC's default at D2's RoI settings, the controls that take parts of the
+# cascade away, and Mask R-CNN given MNC's recipe (64 RoIs at 30 % foreground, 200 test proposals; with and
+# without MNC's hard-background sampling)
+_MNC_RECIPE = ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.3",
+               "MODEL.RPN.POST_NMS_TOPK_TEST", "200")
+MODELS.update({
+    "mnc_d2roi": ModelSpec("MNC's default at D2's RoI settings (512 RoIs, 25 % fg, 1000 test proposals)",
+                           _MNC_CONFIGS, ("MODEL.MNC.NUM_STAGES", "3", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "512",
+                                          "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.25",
+                                          "MODEL.RPN.POST_NMS_TOPK_TEST", "1000")),
+    "mnc3_norefined": ModelSpec("MNC's default without the refined-mask loss", _MNC_CONFIGS,
+                                ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.REFINED_MASK_LOSS", "False")),
+    "mnc3_nocascade": ModelSpec("MNC's default without the cascade (no segment pathway, stage-2 mask loss 0)",
+                                _MNC_CONFIGS, ("MODEL.MNC.NUM_STAGES", "3", "MODEL.MNC.SEGMENT_PATHWAY", "False",
+                                               "MODEL.MNC.MASK_LOSS_WEIGHT", "0.0")),
+    "maskrcnn_mncrecipe": ModelSpec("Mask R-CNN with MNC's recipe (64 RoIs, 30 % fg, 200 test proposals)",
+                                    MODELS["maskrcnn"].configs, _MNC_RECIPE),
+    "maskrcnn_mncrecipe_hardbg": ModelSpec("Mask R-CNN with MNC's recipe and hard-background sampling",
+                                           MODELS["maskrcnn"].configs,
+                                           (*_MNC_RECIPE, "MODEL.ROI_HEADS.NAME", "HardBackgroundROIHeads")),
+})
+
 # --models shorthands. "ablation" is the {3, 5 stages} x {box gradients off, on} grid of the README (mask
 # voting on/off is a test-time variant of each), with Mask R-CNN for the ratios.
 MODEL_GROUPS = {
     "default": ("mnc3", "mnc5", "maskrcnn"),
     "ablation": ("mnc3", "mnc3_bg", "mnc5", "mnc5_bg", "maskrcnn"),
     "cascade": (*CASCADE_ABLATION, "maskrcnn"),
+    "controls": ("mnc_d2roi", "mnc3", "mnc3_norefined", "mnc3_nocascade", "maskrcnn_mncrecipe",
+                 "maskrcnn_mncrecipe_hardbg", "maskrcnn"),
 }
 
 # Test-time variants: after training, each MNC model is evaluated and timed again on the same weights
