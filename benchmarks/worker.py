@@ -37,6 +37,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
 
+from benchmarks import control_heads  # noqa: F401  (registers the controls' ROI heads)
+
 AP_KEYS = ("AP", "AP50", "AP75")
 TASKS = ("segm", "bbox")
 

@@ -151,7 +151,7 @@ def add_mnc_config(cfg):
     # Sampling points per bin side of the RoI warp (must be > 0: adaptive sampling is not differentiable).
     _C.MODEL.MNC.BOX_GRADIENTS.SAMPLING_RATIO = 2
     # Gradients reaching box coordinates are clipped elementwise to [-CLIP, CLIP] (0 = off); they are ~1e-5
-    # on the CPU config, where 1.0 never binds and training collapsed, and 1e-6 helped (README "Ablation").
+    # on the CPU config, where 1.0 never binds and training collapsed, and 1e-6 helped (docs/results.md, the cascade ablation).
     _C.MODEL.MNC.BOX_GRADIENTS.CLIP = 1e-6
     # The authors' bound (0 = off; theirs is 1/512 = 0.001953125): the gradient of the predicted box DELTAS
     # (RPN anchor deltas; five stages: stage-3 deltas), after the chain rule through the box size, is

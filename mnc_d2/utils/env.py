@@ -7,6 +7,6 @@ def check_detectron2() -> None:
     except ImportError as e:
         raise ImportError(
             "mnc_d2 needs detectron2, which is not on PyPI under that name. Run `bash scripts/install.sh` "
-            "(builds it from the pb1-detectron2==0.6 sdist with the patches listed in README.md), or install "
+            "(builds it from the pb1-detectron2==0.6 sdist with the patches listed in docs/install.md), or install "
             "an official detectron2 (https://github.com/facebookresearch/detectron2) first."
         ) from e

@@ -708,6 +708,7 @@ def test_every_model_of_the_runner_builds(dataset, tmp_path):
     """Each variant of benchmarks/run_benchmark.py gives a config and a model (a renamed or removed key breaks it)."""
     from detectron2.modeling import build_model
 
+    from benchmarks import control_heads  # noqa: F401  (the controls' ROI heads)
     from benchmarks.run_benchmark import MODELS, model_spec, parse_args
     from mnc_d2.config import build_cfg
 
@@ -715,3 +716,28 @@ def test_every_model_of_the_runner_builds(dataset, tmp_path):
     for name in MODELS:
         spec = model_spec(name, args, str(tmp_path / name))
         build_model(build_cfg(spec["config_file"], list(spec["opts"])))
+
+
+def test_mask_rcnn_with_mnc_sampling_draws_mnc_rois():
+    """HardBackgroundROIHeads: D2's StandardROIHeads sampling MNC's way (<= 30 % fg, 85 % of background hard)."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    import torch
+
+    from benchmarks import control_heads  # noqa: F401
+    from conftest import make_batch, small_cfg
+
+    cfg = small_cfg("MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.ROI_HEADS.NAME", "HardBackgroundROIHeads",
+                    "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.CONV_DIM", 16,
+                    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64, "MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.3)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with EventStorage() as storage:
+        losses = model(make_batch())
+        assert all(torch.isfinite(v) for v in losses.values())
+        fg = storage.history("roi_head/num_fg_samples").latest()
+        bg = storage.history("roi_head/num_bg_samples").latest()
+    assert 0 < fg <= 0.3 * 64 and fg + bg <= 64
+    iou = model.roi_heads.proposal_matcher.max_iou  # (P,) of the last image's proposals, GT appended
+    assert iou.numel() == 50 + 2 and iou.max() == 1.0
