@@ -1,4 +1,4 @@
-"""ROI heads of the benchmark's controls (docs/results.md): Mask R-CNN given MNC's RoI sampling. Registered when the
+"""ROI heads of the benchmark's controls: Mask R-CNN given MNC's RoI sampling. Registered when the
 benchmark worker imports this module; not part of the mnc_d2 package."""
 import torch
 

@@ -141,7 +141,7 @@ MODELS.update({
                                  "True")),
 })
 
-# What the cascade adds (docs/results.md): MNC's default at D2's RoI settings, the controls that take parts of the
+# What the cascade adds: MNC's default at D2's RoI settings, the controls that take parts of the
 # cascade away, and Mask R-CNN given MNC's recipe (64 RoIs at 30 % foreground, 200 test proposals; with and
 # without MNC's hard-background sampling)
 _MNC_RECIPE = ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.3",
