@@ -21,6 +21,7 @@ TARGETS = {
     "memory_ratio": ("peak memory ÷ Mask R-CNN's", "<=", 1.15),
     "segm_ap_diff": ("mask AP − Mask R-CNN's (AP points)", ">=", 0.0),
 }
+JUDGED_TARGETS = {k: v for k, v in TARGETS.items() if "time" not in k}  # judged on a training run
 # a target measured by another target's value
 _VALUE_OF = {"inference_time_ratio_long_term": "inference_time_ratio"}
 RESULT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "figure": "benchmark.png"}
@@ -107,8 +108,8 @@ def compare(models: Dict[str, Dict], baseline: str = BASELINE) -> Dict[str, Dict
             "segm_ap_diff": _diff(final_ap(result, "segm"), final_ap(base, "segm")),
             "bbox_ap_diff": _diff(final_ap(result, "bbox"), final_ap(base, "bbox")),
         }
-        passed = {}
-        for target, (_, op, limit) in TARGETS.items():
+        passed = {}  # time targets are judged on quiet --time-only invocations only (timing.md), not here
+        for target, (_, op, limit) in JUDGED_TARGETS.items():
             value = values[_VALUE_OF.get(target, target)]
             passed[target] = None if value is None else (value <= limit if op == "<=" else value >= limit)
         values["pass"] = passed
@@ -133,7 +134,7 @@ def build_report(meta: Dict, models: Dict[str, Dict]) -> Dict:
     return _finite({
         "benchmark": meta,
         "targets": {k: {"description": d, "op": op, "limit": limit, "model": TARGET_MODEL}
-                    for k, (d, op, limit) in TARGETS.items()},
+                    for k, (d, op, limit) in JUDGED_TARGETS.items()},
         "baseline": BASELINE,
         "models": models,
         "comparison": compare(models),
@@ -224,10 +225,14 @@ def markdown(report: Dict) -> str:
 def target_lines(targets: Dict[str, Dict], comparison: Dict[str, Dict]) -> List[str]:
     """The "Targets" table: each target's value and verdict per compared model."""
     names = list(comparison)
-    lines = ["## Targets", "", "| target | limit | " + " | ".join(
+    lines = ["## Targets", "", "Time targets are judged only on a quiet `--time-only` invocation (`timing.md`): the "
+             "training runs' times, above, may share the cores with other runs.", "",
+             "| target | limit | " + " | ".join(
         f"`{n}`" + (" (target model)" if n == TARGET_MODEL else "") for n in names) + " |",
         "|---|---|" + "---|" * len(names)]
     for target, info in targets.items():
+        if "time" in target:  # aggregates written before time targets left the training runs' reports
+            continue
         cells = []
         for n in names:
             value = comparison[n].get(_VALUE_OF.get(target, target))

@@ -140,7 +140,7 @@ def build(metas: Dict[int, Dict], per_seed: Dict[int, Dict[str, Dict]]) -> Dict:
     summary = summarize({s: per_seed[s] for s in sorted(per_seed)})
     return report._finite({"benchmark": meta, "baseline": report.BASELINE,
                            "targets": {k: {"description": d, "op": op, "limit": limit, "model": report.TARGET_MODEL}
-                                       for k, (d, op, limit) in report.TARGETS.items()},
+                                       for k, (d, op, limit) in report.JUDGED_TARGETS.items()},
                            "models": summary, "comparison": compare(summary, per_seed)})
 
 
