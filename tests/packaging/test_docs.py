@@ -57,3 +57,8 @@ def test_the_readme_table_is_its_command_output():
         assert readme_tables.regenerate(text, folders, REPO, compact) == text
     finally:
         sys.argv = saved
+
+
+def test_benchmark_files_are_sized_to_the_claims():
+    files = [p for p in _tracked("docs/benchmarks") if os.path.isfile(p)]
+    assert len(files) <= 100 and sum(os.path.getsize(p) for p in files) <= 3 * 2 ** 20
