@@ -22,6 +22,7 @@ Several processes (data parallel; SOLVER.IMS_PER_BATCH is the total over process
 Errors caused by the input (a config key, a dataset file, an image, missing weights, a NaN loss)
 end the run with one message and exit status 2; set MNC_D2_TRACEBACK=1 to see the traceback.
 """
+import errno
 import os
 import sys
 import traceback
@@ -79,6 +80,13 @@ def main_reporting_errors(args):
             message = message.rstrip().splitlines()[-1]
         rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 else ""
         print(f"ERROR{rank}: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    except OSError as e:  # a full or read-only disk while writing logs, configs or evaluation results
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 else ""
+        print(f"ERROR{rank}: cannot write {e.filename or 'into the output directory'}: {e.strerror}. Files written "
+              "before are intact; free space (or choose another OUTPUT_DIR) and run again.", file=sys.stderr, flush=True)
         sys.exit(EXIT_INPUT_ERROR)
     except RuntimeError as e:
         if not lost_peer(e):

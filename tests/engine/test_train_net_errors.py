@@ -237,3 +237,33 @@ def test_unusable_output_dir_and_bad_batch_are_one_error_line(tmp_path, env):
         errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
         assert len(errors) == 1 and expected in errors[0] and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert blocked.read_text() == "not a folder" and not (tmp_path / "run").exists()
+
+
+# train_net.py whose evaluation finds the disk full when it writes its results
+EVAL_FULL_DISK_RUNNER = """
+import errno, runpy, sys
+from detectron2.evaluation import coco_evaluation
+_open = coco_evaluation.PathManager.open
+def full_disk_open(path, mode="r", **kwargs):
+    if "w" in mode:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    return _open(path, mode, **kwargs)
+coco_evaluation.PathManager.open = full_disk_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_eval_only_on_a_full_disk_is_one_error_line(tmp_path, env):
+    out_dir = tmp_path / "run"
+    out = _train(out_dir, env, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runner = tmp_path / "eval_full_disk.py"
+    runner.write_text(EVAL_FULL_DISK_RUNNER)
+    command = [sys.executable, str(runner), os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--eval-only",
+               *TINY, "MODEL.WEIGHTS", str(out_dir / "model_final.pth"), "OUTPUT_DIR", str(out_dir)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert (out_dir / "model_final.pth").exists() and (out_dir / "last_checkpoint").read_text() == "model_final.pth"

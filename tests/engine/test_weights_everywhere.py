@@ -48,9 +48,10 @@ def _write_payload(path, kind, marker):
 
 
 def _entry_point(tool, tmp_path, image, *opts, flags=()):
-    if tool == "train_net":
-        cmd = [os.path.join(REPO, "train_net.py"), "--config-file", INSTANT_CONFIG, "--eval-only", *flags,
-               *TINY_TRAIN_NET_OPTS, "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    if tool in ("train_net", "train"):  # train_net.py --eval-only, or training from MODEL.WEIGHTS
+        cmd = [os.path.join(REPO, "train_net.py"), "--config-file", INSTANT_CONFIG,
+               *(("--eval-only",) if tool == "train_net" else ()), *flags,
+               *TINY_TRAIN_NET_OPTS, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "out"), *opts]
     elif tool == "demo":
         cmd = ["-m", "mnc_d2.tools.demo", "--config-file", INSTANT_CONFIG, "--input", str(image), "--output",
                str(tmp_path / "demo"), *flags, "--opts", *TINY_TRAIN_NET_OPTS, *opts]
@@ -85,7 +86,7 @@ def image(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool, kind, suffix", [
-    ("train_net", "f2py", ".pkl"), ("demo", "system", ".pkl"), ("demo", "f2py", ".pkl"), ("demo", "system", ".pth"),
+    ("train_net", "f2py", ".pkl"), ("train", "system", ".pkl"), ("train", "f2py", ".pkl"), ("demo", "system", ".pkl"), ("demo", "f2py", ".pkl"), ("demo", "system", ".pth"),
     ("export", "system", ".pkl"), ("export", "f2py", ".pkl"), ("analyze", "system", ".pkl"),
     ("analyze", "system", ".pth")])
 def test_payload_weights_run_no_code_in_any_entry_point(tmp_path, tiny_run, image, tool, kind, suffix):
@@ -106,6 +107,10 @@ def test_a_checkpoint_that_does_not_fit_or_no_weights_is_an_error(tmp_path, tiny
                env, tmp_path)
     _one_error(out, weights, "trained for 5 classes", "NUM_CLASSES 3")
     _one_error(_run(_entry_point(tool, tmp_path, image), env, tmp_path), "MODEL.WEIGHTS is empty", "--allow-untrained")
+    missing, truncated = tmp_path / "missing.pth", tmp_path / "truncated.pth"
+    truncated.write_bytes((run / "model_final.pth").read_bytes()[:1000])
+    _one_error(_run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", str(missing)), env, tmp_path), "does not exist")
+    _one_error(_run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", str(truncated)), env, tmp_path), "truncated")
     if tool == "demo":  # the opt-in runs a random model; the trained weights run as before
         assert _run(_entry_point(tool, tmp_path, image, flags=("--allow-untrained",)), env, tmp_path).returncode == 0
         assert _run(_entry_point(tool, tmp_path, image, "MODEL.WEIGHTS", weights), env, tmp_path).returncode == 0
