@@ -203,6 +203,7 @@ def add_mnc_config(cfg):
     # "skip" (log its path, count it, train on another image) or "raise". Evaluation always raises.
     _C.MNC_RELIABILITY.BAD_TRAIN_IMAGE = "skip"
     # Larger images (width x height, read from the file's header before decoding) are bad images: the demo skips
-    # them, training skips or raises as above, evaluation raises. Decoding one costs about 4 bytes a pixel.
-    _C.MNC_RELIABILITY.MAX_IMAGE_PIXELS = 50_000_000
+    # them, training skips or raises as above, evaluation raises. The demo's peak memory grows by about 125 bytes a
+    # pixel (drawing at full resolution): about 3.5 GB at this limit (docs/troubleshooting.md).
+    _C.MNC_RELIABILITY.MAX_IMAGE_PIXELS = 20_000_000
     return cfg

@@ -53,7 +53,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(normalize_to_uint8(array), mode="L")
 
 
-DEFAULT_MAX_PIXELS = 50_000_000  # MNC_RELIABILITY.MAX_IMAGE_PIXELS
+DEFAULT_MAX_PIXELS = 20_000_000  # MNC_RELIABILITY.MAX_IMAGE_PIXELS
 
 
 def read_image(file_name: str, format=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

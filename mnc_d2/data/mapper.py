@@ -151,7 +151,7 @@ class RobustDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, bad_image: str = "skip", max_image_pixels: int = 50_000_000, **kwargs):
+    def __init__(self, is_train: bool, *, bad_image: str = "skip", max_image_pixels: int = 20_000_000, **kwargs):
         """
         Args:
             is_train, kwargs: see D2's DatasetMapper.
