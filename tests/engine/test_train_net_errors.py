@@ -57,6 +57,7 @@ def test_divergence_stops_cleanly_and_last_checkpoint_keeps_good_weights(tmp_pat
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
     error = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1 and "Non-finite" in error[0], out.stderr[-3000:]
+    assert "last_checkpoint, if the run wrote one, names the last good checkpoint" in error[0]
     assert "Traceback" not in out.stderr
     last = (out_dir / "last_checkpoint").read_text().strip() if (out_dir / "last_checkpoint").exists() else None
     if last is not None:  # whatever it names must hold sane weights (a normal run has max |w| ~ 1)
@@ -131,12 +132,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("dataset", ["not_registered_val", "an_empty_val", "a_zero_bytes_val", "a_wrong_size_val"])
-def test_bad_test_dataset_is_reported_before_the_first_iteration(tmp_path, env, dataset):
+@pytest.mark.parametrize("dataset, eval_period", [("not_registered_val", "0"), ("an_empty_val", "-1"),
+                                                 ("a_zero_bytes_val", "0"), ("a_wrong_size_val", "0")])
+def test_bad_test_dataset_is_reported_before_the_first_iteration(tmp_path, env, dataset, eval_period):
     out_dir = tmp_path / "run"
     runner = tmp_path / "runner.py"
     runner.write_text(EMPTY_DATASET_RUNNER)
-    out = _train(out_dir, env, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", f"('{dataset}',)", runner=runner)
+    out = _train(out_dir, env, "SOLVER.MAX_ITER", "4", "DATASETS.TEST", f"('{dataset}',)", "TEST.EVAL_PERIOD",
+                 eval_period, runner=runner)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
     error = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1 and dataset in error[0], out.stderr[-3000:]

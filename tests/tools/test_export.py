@@ -140,3 +140,12 @@ def test_missing_sample_image_is_one_error_line(files, tmp_path):
     assert proc.returncode == 2
     assert f"ERROR: Image file {missing} does not exist." in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_python_config_is_refused_by_name(tmp_path, capsys):
+    from mnc_d2.tools import export
+
+    lazy = os.path.join(REPO, "configs", "lazy", "mnc_R18_GN_FPN_shapes_cpu.py")
+    assert export.main(["--config-file", lazy, "--format", "torchscript", "--sample-image", "a.png",
+                        "--output", str(tmp_path)]) == 2
+    assert "mnc_d2.export takes a yaml config" in capsys.readouterr().err
