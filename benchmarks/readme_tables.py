@@ -2,6 +2,7 @@
 
     python -m benchmarks.readme_tables README.md docs/benchmarks/headline/shapes docs/benchmarks/headline/hela
     python -m benchmarks.readme_tables --compact README.md docs/benchmarks/headline/shapes docs/benchmarks/headline/hela
+    python -m benchmarks.readme_tables --plot docs/benchmarks/headline_ap.png docs/benchmarks/headline_more_seeds/shapes ...
 
 Each folder is a ``run_benchmark.py --seeds`` output (``benchmark.json``: mean ± std per model) or a one-seed
 run; its ``timing.json`` (a quiet ``--time-only`` invocation), if there, is added below its table. The text
@@ -105,6 +106,29 @@ def compact(folders: List[str], repo: str) -> List[str]:
     return lines
 
 
+def plot(folders: List[str], path: str, models=("mnc3", "maskrcnn")) -> None:
+    """segm AP per seed of ``models``, one panel per folder (``--plot PATH``): the README's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(folders), figsize=(3.2 * len(folders), 2.6), squeeze=False)
+    for ax, folder in zip(axes[0], folders):
+        with open(os.path.join(folder, report.RESULT_FILES["json"])) as f:
+            data = json.load(f)
+        for name, marker in zip(models, "os^"):
+            per_seed = data["models"][name]["seeds"]
+            label = {"mnc3": "MNC's default", "maskrcnn": "Mask R-CNN"}.get(name, name)
+            ax.plot([int(s) for s in per_seed], [v["segm_AP"] for v in per_seed.values()], marker, label=label)
+        ax.set_title(data["benchmark"]["dataset"])
+        ax.set_xlabel("seed")
+        ax.set_ylabel("segm AP")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+
+
 def regenerate(readme_text: str, folders: List[str], repo: str, compact_form: bool = False) -> str:
     if BEGIN not in readme_text or END not in readme_text:
         raise ValueError(f"the README has no {BEGIN} ... {END} block to regenerate")
@@ -122,6 +146,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     compact_form = "--compact" in argv
     argv = [a for a in argv if a != "--compact"]
+    figure = None
+    if "--plot" in argv:  # --plot PATH FOLDER...: the figure of those folders (no README)
+        i = argv.index("--plot")
+        figure, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+        plot(argv, figure)
+        return 0
     if len(argv) < 2:
         print(__doc__)
         return 2
