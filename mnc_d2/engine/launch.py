@@ -35,7 +35,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 def lost_peer(error: BaseException) -> bool:
     """Whether ``error`` says another process of a multi-process job went away (killed, crashed, unreachable)."""
-    return comm.get_world_size() > 1 and (isinstance(error, dist.DistError) or "closed by peer" in str(error))
+    return comm.get_world_size() > 1 and (isinstance(error, dist.DistError) or "by peer" in str(error))  # closed, reset
 
 
 def started_by_torchrun() -> bool:

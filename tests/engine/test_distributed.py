@@ -143,7 +143,8 @@ def _two_machines(out_dir, env, *opts):
                               "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
                               "--config-file", CONFIG, *TINY, *opts, "OUTPUT_DIR", str(out_dir)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env=dict(env, OMP_NUM_THREADS="1")) for rank in (0, 1)]
+                             env=dict(env, OMP_NUM_THREADS="1"), start_new_session=True)  # a group per machine
+            for rank in (0, 1)]
 
 
 @pytest.mark.slow
@@ -161,6 +162,8 @@ def test_two_machines_on_loopback_train_as_two_processes(trained, env, tmp_path)
 
 @pytest.mark.slow
 def test_a_killed_machine_stops_the_other_with_one_error_line(env, tmp_path):
+    import contextlib
+    import signal
     import time
 
     out_dir = tmp_path / "killed"
@@ -171,13 +174,14 @@ def test_a_killed_machine_stops_the_other_with_one_error_line(env, tmp_path):
         while not list(out_dir.glob("model_0000003.pth")) and time.time() < deadline and rank0.poll() is None:
             time.sleep(0.5)
         assert list(out_dir.glob("model_0000003.pth")), "training did not start"
-        rank1.kill()
+        os.killpg(rank1.pid, signal.SIGKILL)  # machine 1 goes away: its launcher and its training process
         killed_at = time.time()
         out, err = rank0.communicate(timeout=120)
         assert time.time() - killed_at < 60
     finally:
         for machine in (rank0, rank1):
-            machine.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(machine.pid, signal.SIGKILL)
     assert rank0.returncode == 2, out[-2000:] + err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "lost another process of the job" in errors[0] and "Traceback" not in err, err[-3000:]
